@@ -1,0 +1,1 @@
+"""Shipped models: ``NAME.safetensors`` with a model card ``NAME.md`` each (installed as ``stn_align.models``)."""

@@ -1,0 +1,285 @@
+"""The Python API: ``Aligner.load("default").align(input, reference)``.
+
+Images are numpy arrays ``(H, W, C)`` (C in 1, 3, 4; uint8, uint16 or float in ``[0, 1]``), file
+paths, or PIL images. The network sees both images resized to its working size; the matrix is mapped
+back to the original pixel sizes and the warp is applied to the **full-resolution input** (on the
+GPU with kornia when the model runs there, else with OpenCV). Every result's ``matrix`` maps input
+pixels to reference pixels: ``cv2.warpPerspective(input, matrix, (ref_w, ref_h))`` gives ``image``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Sequence, Union
+
+import cv2
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, load_model, read_metadata
+from .geometry import normalized_to_pixel, working_to_pixel
+from .model import AlignerNet, resolve_device
+from .refine import alignment_score, refine_ecc, to_gray
+
+ImageLike = Union[str, Path, np.ndarray, "PIL.Image.Image"]  # noqa: F821
+
+FILLS = ("white", "black", "edge", "transparent")
+REFINES = ("none", "ecc")
+
+
+@dataclass
+class AlignResult:
+    """One alignment. ``matrix`` ``(3, 3)`` float64 maps input pixels to reference pixels."""
+
+    matrix: np.ndarray
+    score: float
+    transform: str
+    image: np.ndarray | None = None  # aligned input, (H_ref, W_ref, C), the input's dtype
+    suspect: bool = False
+    refined: bool = False
+    input_size: tuple[int, int] = (0, 0)  # (w, h)
+    ref_size: tuple[int, int] = (0, 0)
+
+    def to_record(self) -> dict:
+        """JSON-ready summary (no pixels)."""
+        return {"matrix": [[float(v) for v in row] for row in self.matrix], "transform": self.transform,
+                "score": round(float(self.score), 4), "suspect": bool(self.suspect), "refined": bool(self.refined)}
+
+
+# --- shipped models -----------------------------------------------------------------------------------
+
+
+def models_dir() -> Path:
+    """Folder holding the shipped models (``models/`` in the repository, ``stn_align.models`` when installed)."""
+    return Path(str(resources.files("stn_align.models")))
+
+
+def shipped_models() -> dict[str, Path]:
+    """``{name: path}`` of the shipped ``*.safetensors`` models."""
+    return {p.name.removesuffix(".safetensors"): p for p in sorted(models_dir().glob("*.safetensors"))
+            if not p.name.endswith(".state.safetensors")}
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A shipped model's name (``default``, ``affine``) or a checkpoint path -> the file."""
+    path = Path(model)
+    if path.suffix == ".safetensors" or path.exists():
+        if not path.is_file():
+            raise CheckpointError(path, "no such checkpoint file")
+        return path
+    shipped = shipped_models()
+    if str(model) in shipped:
+        return shipped[str(model)]
+    names = ", ".join(shipped) or "none installed"
+    raise CheckpointError(model, f"unknown model (shipped models: {names}; or give a .safetensors path)")
+
+
+# --- images ---------------------------------------------------------------------------------------------
+
+
+def as_array(image: ImageLike) -> np.ndarray:
+    """Anything image-like -> ``(H, W, C)`` array (paths are read with :func:`io.read_image`)."""
+    if isinstance(image, (str, Path)):
+        from .io import read_image
+
+        return read_image(image)
+    if not isinstance(image, np.ndarray):
+        image = np.asarray(image)  # PIL
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"expected an image of shape (H, W), (H, W, 1|3|4), got {image.shape}")
+    return image
+
+
+def network_view(image: np.ndarray, size: int) -> np.ndarray:
+    """``(H, W, C)`` any dtype -> ``(size, size, 3)`` float32 in ``[0, 1]`` RGB, alpha on white, anti-aliased."""
+    if image.dtype == np.uint8:
+        x = image.astype(np.float32) / 255
+    elif image.dtype == np.uint16:
+        x = image.astype(np.float32) / 65535
+    else:
+        x = image.astype(np.float32)
+    if x.shape[2] == 4:
+        x = x[..., :3] * x[..., 3:] + (1 - x[..., 3:])
+    elif x.shape[2] == 1:
+        x = np.repeat(x, 3, axis=2)
+    interp = cv2.INTER_AREA if max(x.shape[:2]) > size else cv2.INTER_LINEAR
+    return cv2.resize(np.ascontiguousarray(x), (size, size), interpolation=interp)
+
+
+def fill_value(fill: str | Sequence[int], image: np.ndarray) -> tuple:
+    """The border colour for ``fill`` in ``image``'s dtype and channel count (``edge``/``transparent``: special)."""
+    top = 65535 if image.dtype == np.uint16 else (1.0 if image.dtype.kind == "f" else 255)
+    scale = top / 255
+    channels = image.shape[2]
+    if fill == "white":
+        rgb = (255, 255, 255)
+    elif fill == "black":
+        rgb = (0, 0, 0)
+    elif isinstance(fill, str):
+        raise ValueError(f"unknown fill {fill!r}; use white, black, edge, transparent or R,G,B")
+    else:
+        rgb = tuple(int(v) for v in fill)
+    if channels == 1:
+        value = [0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]]
+    else:
+        value = list(rgb)
+        if channels == 4:
+            value.append(255)
+    return tuple(v * scale for v in value)
+
+
+def parse_fill(text: str) -> str | tuple[int, int, int]:
+    """``white|black|edge|transparent|R,G,B`` -> the fill option; ValueError on anything else."""
+    if text in FILLS:
+        return text
+    parts = text.split(",")
+    if len(parts) == 3 and all(p.strip().isdigit() and 0 <= int(p) <= 255 for p in parts):
+        return tuple(int(p) for p in parts)
+    raise ValueError(f"invalid fill {text!r}: use white, black, edge, transparent or R,G,B with values 0-255")
+
+
+def warp_image(
+    image: np.ndarray, matrix: np.ndarray, ref_size: tuple[int, int], fill="white", device: torch.device | None = None
+) -> np.ndarray:
+    """Warp the full-resolution input ``(H, W, C)`` onto a ``ref_size = (w, h)`` canvas; keeps the dtype.
+
+    ``fill="transparent"`` adds (or keeps) an alpha channel that is 0 outside the input.
+    Runs on CUDA with kornia when ``device`` is a GPU, else with OpenCV (faster on CPU).
+    """
+    if fill == "transparent" and image.shape[2] in (1, 3):
+        top = 65535 if image.dtype == np.uint16 else (1.0 if image.dtype.kind == "f" else 255)
+        image = np.concatenate([image, np.full(image.shape[:2] + (1,), top, image.dtype)], axis=2)
+    if device is not None and device.type == "cuda":
+        return _warp_torch(image, matrix, ref_size, fill, device)
+    if fill == "edge":
+        border, value = cv2.BORDER_REPLICATE, 0
+    elif fill == "transparent":
+        border, value = cv2.BORDER_CONSTANT, 0
+    else:
+        border, value = cv2.BORDER_CONSTANT, fill_value(fill, image)
+    src = image if image.dtype != np.float64 else image.astype(np.float32)
+    out = cv2.warpPerspective(src, matrix, ref_size, flags=cv2.INTER_LINEAR, borderMode=border, borderValue=value)
+    return out.reshape(ref_size[1], ref_size[0], image.shape[2])
+
+
+def _warp_torch(image: np.ndarray, matrix: np.ndarray, ref_size, fill, device) -> np.ndarray:
+    from .geometry import warp_pixels
+
+    dtype = image.dtype
+    x = torch.from_numpy(image.astype(np.float32) if dtype != np.float32 else image).to(device).permute(2, 0, 1)[None]
+    m = torch.from_numpy(matrix).float().to(device)[None]
+    if fill == "edge":
+        out = warp_pixels(x, m, (ref_size[1], ref_size[0]), padding_mode="border")
+    elif fill == "transparent":
+        out = warp_pixels(x, m, (ref_size[1], ref_size[0]), padding_mode="zeros")
+    else:
+        value = torch.tensor(fill_value(fill, image), dtype=torch.float32, device=device)
+        out = warp_pixels(x, m, (ref_size[1], ref_size[0]), padding_mode="fill", fill_value=value)
+    out = out[0].permute(1, 2, 0)
+    if dtype.kind != "f":
+        out = out.round_().clamp_(0, np.iinfo(dtype).max)
+    return out.cpu().numpy().astype(dtype)
+
+
+# --- the aligner ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Aligner:
+    """A loaded model plus inference options. Build with :meth:`load`.
+
+    Attributes:
+        iterations: refinement rounds of the network (warp, re-predict, compose).
+        refine: ``"ecc"`` polishes the network's estimate with OpenCV's ECC (kept only if it helps), or ``"none"``.
+        fill: border of the aligned image: ``white``, ``black``, ``edge``, ``transparent`` or ``(R, G, B)``.
+        min_score: results scoring below this are flagged ``suspect``.
+    """
+
+    model: AlignerNet
+    device: torch.device
+    iterations: int = 3
+    refine: str = "ecc"
+    fill: str | tuple = "white"
+    min_score: float = 0.3
+    metadata: dict = field(default_factory=dict)
+    name: str = "custom"
+
+    @classmethod
+    def load(cls, model: str | Path = "default", device: str = "auto", **options) -> "Aligner":
+        """Load a shipped model by name or a checkpoint by path, on ``auto``/``cpu``/``cuda``."""
+        dev = resolve_device(device)
+        path = resolve_model(model)
+        net, meta = load_model(path, dev)
+        name = path.name.removesuffix(".safetensors")
+        aligner = cls(model=net, device=dev, metadata=meta, name=name, **options)
+        aligner._check()
+        return aligner
+
+    def _check(self) -> None:
+        if self.refine not in REFINES:
+            raise ValueError(f"unknown refine {self.refine!r}; use one of {REFINES}")
+        if self.iterations < 1:
+            raise ValueError("iterations must be at least 1")
+        if isinstance(self.fill, str) and self.fill not in FILLS:
+            self.fill = parse_fill(self.fill)
+
+    @property
+    def transform(self) -> str:
+        return self.model.config.transform
+
+    @property
+    def size(self) -> int:
+        return self.model.config.size
+
+    @torch.inference_mode()
+    def estimate(self, inputs: Sequence[np.ndarray], references: Sequence[np.ndarray]) -> np.ndarray:
+        """The network's matrices for a batch of pairs, ``(B, 3, 3)`` float64 in each pair's full-resolution pixels."""
+        if len(inputs) != len(references):
+            raise ValueError("inputs and references differ in length")
+        if not len(inputs):
+            return np.zeros((0, 3, 3))
+        s = self.size
+        a = torch.from_numpy(np.stack([network_view(x, s) for x in inputs])).permute(0, 3, 1, 2).to(self.device)
+        b = torch.from_numpy(np.stack([network_view(x, s) for x in references])).permute(0, 3, 1, 2).to(self.device)
+        normalized = self.model(a, b, self.iterations)[-1]
+        working = normalized_to_pixel(normalized.double(), s).cpu().numpy()
+        return np.stack([
+            working_to_pixel(m, (x.shape[1], x.shape[0]), (r.shape[1], r.shape[0]), s)
+            for m, x, r in zip(working, inputs, references)
+        ])
+
+    def finish(self, image_in: np.ndarray, image_ref: np.ndarray, matrix: np.ndarray, warp: bool = True) -> AlignResult:
+        """Refinement, score and full-resolution warp for one pair whose network estimate is ``matrix``."""
+        gray_in, gray_ref = to_gray(image_in), to_gray(image_ref)
+        refined = False
+        if self.refine == "ecc":
+            matrix, refined = refine_ecc(gray_in, gray_ref, matrix, self.transform)
+        score = alignment_score(gray_in, gray_ref, matrix)
+        ref_size = (image_ref.shape[1], image_ref.shape[0])
+        aligned = warp_image(image_in, matrix, ref_size, self.fill, self.device) if warp else None
+        return AlignResult(matrix=matrix, score=score, transform=self.transform, image=aligned,
+                           suspect=score < self.min_score, refined=refined,
+                           input_size=(image_in.shape[1], image_in.shape[0]), ref_size=ref_size)
+
+    def align(self, input: ImageLike, reference: ImageLike, warp: bool = True) -> AlignResult:
+        """Align one ``input`` to ``reference``; returns matrix, score and (if ``warp``) the aligned image."""
+        return self.align_batch([input], [reference], warp=warp)[0]
+
+    def align_batch(self, inputs: Sequence[ImageLike], references: Sequence[ImageLike], warp: bool = True) -> list[AlignResult]:
+        """Align pairs in one network batch; returns one :class:`AlignResult` per pair."""
+        inputs = [as_array(x) for x in inputs]
+        references = [as_array(x) for x in references]
+        matrices = self.estimate(inputs, references)
+        return [self.finish(a, b, m, warp) for a, b, m in zip(inputs, references, matrices)]
+
+
+def model_summary(path: Path) -> dict:
+    """Name, transform, working size and validation figures of a checkpoint, for ``stn-align models``."""
+    meta = read_metadata(path)
+    val = meta.get("validation") or {}
+    return {"name": path.name.removesuffix(".safetensors"), "path": str(path), "transform": meta["model"]["transform"],
+            "size": meta["model"]["size"], "validation": val, "training": meta.get("training", {})}
