@@ -9,6 +9,7 @@ pixels to reference pixels: ``cv2.warpPerspective(input, matrix, (ref_w, ref_h))
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from .checkpoint import CheckpointError, load_model, read_metadata
 from .geometry import normalized_to_pixel, working_to_pixel
 from .model import AlignerNet, resolve_device
-from .refine import alignment_score, refine_ecc, to_gray
+from .refine import alignment_score, refine_ecc, resolve_mask, to_gray
 
 ImageLike = Union[str, Path, np.ndarray, "PIL.Image.Image"]  # noqa: F821
 
@@ -52,7 +53,13 @@ class AlignResult:
 
 
 def models_dir() -> Path:
-    """Folder holding the shipped models (``models/`` in the repository, ``stn_align.models`` when installed)."""
+    """Folder holding the shipped models (``models/`` in the repository, ``stn_align.models`` when installed).
+
+    The environment variable ``STN_ALIGN_MODELS_DIR`` overrides it (tests, site-wide model folders).
+    """
+    override = os.environ.get("STN_ALIGN_MODELS_DIR")
+    if override:
+        return Path(override)
     return Path(str(resources.files("stn_align.models")))
 
 
@@ -150,7 +157,9 @@ def warp_image(
     ``fill="transparent"`` adds (or keeps) an alpha channel that is 0 outside the input.
     Runs on CUDA with kornia when ``device`` is a GPU, else with OpenCV (faster on CPU).
     """
-    if fill == "transparent" and image.shape[2] in (1, 3):
+    if fill == "transparent" and image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)  # gray + alpha has no common file format: go RGBA
+    if fill == "transparent" and image.shape[2] == 3:
         top = 65535 if image.dtype == np.uint16 else (1.0 if image.dtype.kind == "f" else 255)
         image = np.concatenate([image, np.full(image.shape[:2] + (1,), top, image.dtype)], axis=2)
     if device is not None and device.type == "cuda":
@@ -197,6 +206,9 @@ class Aligner:
         refine: ``"ecc"`` polishes the network's estimate with OpenCV's ECC (kept only if it helps), or ``"none"``.
         fill: border of the aligned image: ``white``, ``black``, ``edge``, ``transparent`` or ``(R, G, B)``.
         min_score: results scoring below this are flagged ``suspect``.
+        mask: region of the reference that refinement and the score look at: None (everything), ``"auto"``
+            (the product on a plain background, or the alpha channel; see :func:`refine.foreground_mask`),
+            a mask file path or an ``(H_ref, W_ref)`` array (non-zero = use).
     """
 
     model: AlignerNet
@@ -205,6 +217,7 @@ class Aligner:
     refine: str = "ecc"
     fill: str | tuple = "white"
     min_score: float = 0.3
+    mask: str | np.ndarray | None = None  # None, "auto" (foreground of the reference), a file path or an (H_ref, W_ref) array
     metadata: dict = field(default_factory=dict)
     name: str = "custom"
 
@@ -252,29 +265,34 @@ class Aligner:
             for m, x, r in zip(working, inputs, references)
         ])
 
-    def finish(self, image_in: np.ndarray, image_ref: np.ndarray, matrix: np.ndarray, warp: bool = True) -> AlignResult:
-        """Refinement, score and full-resolution warp for one pair whose network estimate is ``matrix``."""
+    def finish(self, image_in: np.ndarray, image_ref: np.ndarray, matrix: np.ndarray, warp: bool = True,
+               mask=None) -> AlignResult:
+        """Refinement, score and full-resolution warp for one pair whose network estimate is ``matrix``.
+
+        ``mask`` overrides :attr:`mask` for this pair (same forms)."""
         gray_in, gray_ref = to_gray(image_in), to_gray(image_ref)
+        region = resolve_mask(self.mask if mask is None else mask, image_ref)
         refined = False
         if self.refine == "ecc":
-            matrix, refined = refine_ecc(gray_in, gray_ref, matrix, self.transform)
-        score = alignment_score(gray_in, gray_ref, matrix)
+            matrix, refined = refine_ecc(gray_in, gray_ref, matrix, self.transform, mask=region)
+        score = alignment_score(gray_in, gray_ref, matrix, mask=region)
         ref_size = (image_ref.shape[1], image_ref.shape[0])
         aligned = warp_image(image_in, matrix, ref_size, self.fill, self.device) if warp else None
         return AlignResult(matrix=matrix, score=score, transform=self.transform, image=aligned,
                            suspect=score < self.min_score, refined=refined,
                            input_size=(image_in.shape[1], image_in.shape[0]), ref_size=ref_size)
 
-    def align(self, input: ImageLike, reference: ImageLike, warp: bool = True) -> AlignResult:
+    def align(self, input: ImageLike, reference: ImageLike, warp: bool = True, mask=None) -> AlignResult:
         """Align one ``input`` to ``reference``; returns matrix, score and (if ``warp``) the aligned image."""
-        return self.align_batch([input], [reference], warp=warp)[0]
+        return self.align_batch([input], [reference], warp=warp, mask=mask)[0]
 
-    def align_batch(self, inputs: Sequence[ImageLike], references: Sequence[ImageLike], warp: bool = True) -> list[AlignResult]:
-        """Align pairs in one network batch; returns one :class:`AlignResult` per pair."""
+    def align_batch(self, inputs: Sequence[ImageLike], references: Sequence[ImageLike], warp: bool = True,
+                    mask=None) -> list[AlignResult]:
+        """Align pairs in one network batch; returns one :class:`AlignResult` per pair (``mask``: see :meth:`finish`)."""
         inputs = [as_array(x) for x in inputs]
         references = [as_array(x) for x in references]
         matrices = self.estimate(inputs, references)
-        return [self.finish(a, b, m, warp) for a, b, m in zip(inputs, references, matrices)]
+        return [self.finish(a, b, m, warp, mask) for a, b, m in zip(inputs, references, matrices)]
 
 
 def model_summary(path: Path) -> dict:

@@ -5,15 +5,50 @@ Heavy modules (torch, cv2) are imported inside commands, so ``stn-align --help``
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.core
 
 from . import __version__
 
+# ----------------------------------------------------------------- default command (align section owner)
+
+
+class DefaultCommandGroup(typer.core.TyperGroup):
+    """A Typer group that runs ``align`` when the first argument is not a command or a group option.
+
+    So ``stn-align INPUT --ref REF`` is ``stn-align align INPUT --ref REF``. A first argument that looks
+    like a mistyped command (no such file, close to a command name) still gets "No such command ...".
+    """
+
+    default_command = "align"
+
+    def parse_args(self, ctx, args):
+        if args and self.default_command in self.commands and self._use_default(ctx, args[0]):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+    def _use_default(self, ctx, first: str) -> bool:
+        if first in self.commands:
+            return False
+        group_options = {opt for param in self.get_params(ctx) for opt in (*param.opts, *param.secondary_opts)}
+        if first in group_options:
+            return False
+        if not first.startswith("-") and "/" not in first and "." not in first and not os.path.exists(first):
+            from difflib import get_close_matches
+
+            if get_close_matches(first, list(self.commands)):
+                return False  # e.g. "bacth": let Typer say "No such command 'bacth'. Did you mean 'batch'?"
+        return True
+
+
 app = typer.Typer(
-    help="Align an input image to a reference with a siamese spatial transformer network.",
+    cls=DefaultCommandGroup,
+    help="Align an input image to a reference with a siamese spatial transformer network.\n\n"
+    "Shorthand: [bold]stn-align INPUT --ref REF[/bold] runs [bold]stn-align align INPUT --ref REF[/bold].",
     no_args_is_help=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -53,6 +88,7 @@ def train(
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     workers: int = typer.Option(1, help="Data-generating worker processes."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for the network (default: torch's choice)."),
     val_fraction: float = typer.Option(0.1, help="Fraction of photos held out for validation."),
     resume: Optional[Path] = typer.Option(None, help="Continue from MODEL.safetensors (or its .state.safetensors)."),
     init: Optional[Path] = typer.Option(None, help="Start from another model's weights (fine-tuning)."),
@@ -80,7 +116,7 @@ def train(
     ranges = WarpRanges(max_rotation=max_rotation, max_scale=max_scale, max_shear=max_shear,
                         max_translation=max_translation, max_perspective=max_perspective, crop_rho=crop_rho)
     config = TrainConfig(data_dir=str(data_dir), out=str(out), transform=transform, size=size, steps=steps,
-                         batch_size=batch_size, lr=lr, device=device, workers=workers, val_fraction=val_fraction,
+                         batch_size=batch_size, lr=lr, device=device, workers=workers, threads=threads, val_fraction=val_fraction,
                          resume=str(resume) if resume else None, init=str(init) if init else None, seed=seed,
                          iterations=iterations, p_crop=p_crop, ranges=ranges, eval_every=eval_every,
                          checkpoint_every=checkpoint_every)
@@ -92,3 +128,478 @@ def train(
         fail(str(err))
     figures = result.get("validation")
     typer.echo(f"wrote {out}" + (f" (validation: mean {figures['mean_px']:.2f}px, <3px {figures['under_3px']:.1%})" if figures else ""))
+
+
+# ================================================================================================
+# BEGIN align / batch / models commands (owner: CLI inference). Other commands live in their own
+# sections; helpers here are prefixed ``_infer_`` / ``_model_`` to avoid clashes.
+# ================================================================================================
+
+_TRANSFORMS = ("affine", "projective")
+_REFINES = ("ecc", "none")
+_ALPHA_SUFFIXES = (".png", ".tif", ".tiff", ".webp")
+_WRITE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
+
+_MODEL_HELP = "Shipped model name (see 'stn-align models') or a .safetensors path. Default: picked by --transform."
+_TRANSFORM_HELP = "affine or projective: picks the shipped model of that kind ('affine' / 'default') when --model is not given."
+_ITERATIONS_HELP = "Network refinement rounds (warp, re-predict, compose)."
+_DEVICE_HELP = "auto (CUDA when available), cpu or cuda."
+_FILL_HELP = "Border of the aligned image: white, black, edge, transparent (adds alpha) or R,G,B."
+_REFINE_HELP = "ecc: polish the network's estimate with OpenCV's ECC (kept only if it helps); none: network only."
+_MIN_SCORE_HELP = "Alignments scoring below this (0-1) are flagged suspect."
+
+
+def _infer_consoles(json_to_stdout: bool = False):
+    """(results console, diagnostics console). Results go to stderr when stdout carries JSON."""
+    from rich.console import Console
+
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    return (err if json_to_stdout else Console(soft_wrap=True, highlight=False)), err
+
+
+def _infer_check_options(transform: Optional[str], refine: str, fill: str, iterations: int, min_score: float) -> None:
+    if transform is not None and transform not in _TRANSFORMS:
+        fail(f"--transform must be affine or projective, not {transform!r}", 2)
+    if refine not in _REFINES:
+        fail(f"--refine must be ecc or none, not {refine!r}", 2)
+    if iterations < 1:
+        fail(f"--iterations must be at least 1, not {iterations}", 2)
+    if not 0.0 <= min_score <= 1.0:
+        fail(f"--min-score must be between 0 and 1, not {min_score}", 2)
+    from .align import parse_fill  # imported here: it pulls in torch, so only after the cheap checks
+
+    try:
+        parse_fill(fill)
+    except ValueError as err:
+        fail(str(err), 2)
+
+
+def _infer_load(model: Optional[str], transform: Optional[str], device: str, diag, **options):
+    """Resolve the device (saying which) and the model (checking --transform); returns an Aligner."""
+    import torch
+
+    from .align import Aligner, parse_fill, resolve_model
+    from .checkpoint import CheckpointError, read_metadata
+    from .model import resolve_device
+
+    try:
+        dev = resolve_device(device)
+    except (RuntimeError, ValueError) as err:
+        fail(str(err), 2)
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        diag.print(f"using cuda:{index} ({torch.cuda.get_device_name(index)})")
+    else:
+        diag.print("using cpu")
+    name = model or ("affine" if transform == "affine" else "default")
+    # NB: typer.Exit is a RuntimeError: never call fail() inside these try blocks.
+    try:
+        path = resolve_model(name)
+        actual = read_metadata(path).get("model", {}).get("transform") if transform is not None else None
+    except (CheckpointError, ValueError, OSError) as err:
+        fail(str(err))
+    if transform is not None and actual != transform:
+        fail(f"--model {name} is a {actual} model but --transform {transform} was given "
+             "(drop one of the two options)", 2)
+    try:
+        return Aligner.load(path, str(dev), **{**options, "fill": parse_fill(options["fill"])})
+    except (CheckpointError, ValueError, RuntimeError, OSError) as err:
+        fail(str(err))
+
+
+def _infer_same(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def _infer_default_output(input: Path) -> Path:
+    suffix = input.suffix if input.suffix.lower() in _WRITE_SUFFIXES else ".png"
+    return input.with_name(f"{input.stem}.aligned{suffix}")
+
+
+def _infer_matrix_lines(matrix) -> list[str]:
+    return ["  " + "  ".join(f"{v: .8g}".rjust(15) for v in row) for row in matrix]
+
+
+# ---------------------------------------------------------------------------------------------- align
+
+
+@app.command("align")
+def align_command(
+    input: Path = typer.Argument(..., metavar="INPUT", help="The image to align (it is warped onto the reference)."),
+    ref: Path = typer.Option(..., "--ref", "-r", help="The reference image: the output has its size and framing."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output file (or existing directory). Default: INPUT_NAME.aligned.EXT next to the input."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
+    transform: Optional[str] = typer.Option(None, "--transform", help=_TRANSFORM_HELP),
+    iterations: int = typer.Option(3, "--iterations", help=_ITERATIONS_HELP),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
+    fill: str = typer.Option("white", "--fill", help=_FILL_HELP),
+    refine: str = typer.Option("ecc", "--refine", help=_REFINE_HELP),
+    min_score: float = typer.Option(0.3, "--min-score", help=_MIN_SCORE_HELP),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the result record as JSON to FILE, or '-' for stdout.", metavar="FILE|-"),
+    max_pixels: int = typer.Option(178_956_970, "--max-pixels", help="Refuse images larger than this many pixels (decompression-bomb guard)."),
+):
+    """Align INPUT onto REF and write the aligned image (also: stn-align INPUT --ref REF)."""
+    import json
+
+    from rich.markup import escape
+
+    from .batch import writable
+    from .io import ImageError, read_image, write_image
+
+    _infer_check_options(transform, refine, fill, iterations, min_score)
+    show, diag = _infer_consoles(json_to_stdout=json_out == "-")
+    if out is not None and out.is_dir():  # -o DIR: DIR/INPUT_NAME
+        out = out / (input.name if input.suffix.lower() in _WRITE_SUFFIXES else f"{input.stem}.png")
+    output = out if out is not None else _infer_default_output(input)
+    for other, what in ((input, "input"), (ref, "reference")):
+        if _infer_same(output, other):
+            fail(f"{output}: the output would overwrite the {what} (choose another -o)", 2)
+        if json_out not in (None, "-") and _infer_same(Path(json_out), other):
+            fail(f"{json_out}: the --json file would overwrite the {what}", 2)
+    if output.suffix.lower() not in _WRITE_SUFFIXES:
+        fail(f"{output}: unsupported output format {output.suffix or '(no suffix)'!r} "
+             f"(use one of: {' '.join(_WRITE_SUFFIXES)})", 2)
+    if fill == "transparent" and output.suffix.lower() not in _ALPHA_SUFFIXES:
+        fail(f"{output}: --fill transparent needs an output format with alpha (.png, .tif, .webp), "
+             f"not {output.suffix}", 2)
+    try:
+        image_in, image_ref = read_image(input, max_pixels=max_pixels), read_image(ref, max_pixels=max_pixels)
+    except ImageError as err:
+        fail(str(err))
+    aligner = _infer_load(model, transform, device, diag, iterations=iterations, refine=refine, fill=fill,
+                          min_score=min_score)
+    try:
+        result = aligner.align(image_in, image_ref)
+        write_image(output, writable(result.image))
+    except (ImageError, ValueError, RuntimeError) as err:
+        fail(str(err) if isinstance(err, ImageError) else f"{input}: {err}")
+    record = {"input": str(input), "reference": str(ref), "output": str(output), **result.to_record(),
+              "model": aligner.name}
+    how = "network + ECC" if result.refined else "network"
+    show.print(f"aligned {escape(str(input))} -> [bold]{escape(str(output))}[/bold]  "
+               f"({result.transform}, model {escape(aligner.name)}, {how})")
+    show.print(f"score {result.score:.3f}" + ("  [yellow]suspect[/yellow]" if result.suspect else ""))
+    show.print("matrix (input pixels -> reference pixels):")
+    for line in _infer_matrix_lines(result.matrix):
+        show.print(line)
+    if result.suspect:
+        diag.print(f"[yellow]warning:[/yellow] score {result.score:.3f} is below --min-score {min_score:g}: "
+                   "the alignment is suspect, check the output")
+    if json_out == "-":
+        typer.echo(json.dumps(record, indent=2))
+    elif json_out is not None:
+        try:
+            Path(json_out).write_text(json.dumps(record, indent=2) + "\n")
+        except OSError as err:
+            fail(f"{json_out}: cannot write ({err.strerror or err})")
+
+
+# ---------------------------------------------------------------------------------------------- batch
+
+
+@app.command("batch")
+def batch_command(
+    input_dir: Path = typer.Argument(..., metavar="INPUT_DIR", help="Folder of images to align."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder: mirrors INPUT_DIR (same relative paths and names) plus alignments.jsonl. A folder inside INPUT_DIR is left out of the input listing."),
+    ref: Optional[Path] = typer.Option(None, "--ref", "-r", help="One reference for every input."),
+    ref_dir: Optional[Path] = typer.Option(None, "--ref-dir", help="Folder of references: each input is paired with the reference at the same relative path, or else the same relative name with any image extension."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
+    transform: Optional[str] = typer.Option(None, "--transform", help=_TRANSFORM_HELP),
+    iterations: int = typer.Option(3, "--iterations", help=_ITERATIONS_HELP),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
+    fill: str = typer.Option("white", "--fill", help=_FILL_HELP),
+    refine: str = typer.Option("ecc", "--refine", help=_REFINE_HELP),
+    min_score: float = typer.Option(0.3, "--min-score", help=_MIN_SCORE_HELP),
+    recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Include sub-folders."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo inputs already aligned by a previous run (default: resume, skipping them)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Pairs per network call."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Threads decoding, refining and encoding images. Default: min(4, CPUs)."),
+    fail_on_suspect: bool = typer.Option(False, "--fail-on-suspect", help="Exit 1 when any alignment is suspect (score below --min-score)."),
+    max_pixels: int = typer.Option(178_956_970, "--max-pixels", help="Refuse images larger than this many pixels (decompression-bomb guard)."),
+):
+    """Align every image of INPUT_DIR to --ref (or to its counterpart in --ref-dir) into OUT_DIR.
+
+    Resumable: re-running the same command skips inputs whose output exists and whose record in
+    OUT_DIR/alignments.jsonl is ok (same reference and model); failed ones are retried. Exit status:
+    0 all aligned, 1 some failed (each listed at the end), 2 usage error.
+    """
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .batch import BatchError, align_directory, check_alpha_outputs, plan_pairs
+    from .io import ImageError, read_image
+
+    if (ref is None) == (ref_dir is None):
+        fail("give exactly one of --ref FILE or --ref-dir DIR", 2)
+    if batch_size < 1:
+        fail(f"--batch-size must be at least 1, not {batch_size}", 2)
+    if workers is not None and workers < 1:
+        fail(f"--workers must be at least 1, not {workers}", 2)
+    _infer_check_options(transform, refine, fill, iterations, min_score)
+    show, diag = _infer_consoles()
+    try:
+        plan = plan_pairs(input_dir, out, ref=ref, ref_dir=ref_dir, recursive=recursive)
+        if fill == "transparent":
+            check_alpha_outputs(plan[0])
+        ref_image = read_image(ref, max_pixels=max_pixels) if ref is not None else None
+    except BatchError as err:
+        fail(str(err), 2 if err.usage else 1)
+    except ImageError as err:
+        fail(str(err))
+    if plan[1]:
+        diag.print(f"note: {escape(str(out))} is inside {escape(str(input_dir))}; it is left out of the inputs")
+    if not plan[0]:
+        diag.print(f"[yellow]warning:[/yellow] no images found in {escape(str(input_dir))}"
+                   + ("" if recursive else " (without sub-folders: --no-recursive)"))
+    aligner = _infer_load(model, transform, device, diag, iterations=iterations, refine=refine, fill=fill,
+                          min_score=min_score)
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), TextColumn("eta"),
+                        TimeRemainingColumn(), console=diag, transient=False)
+    counts = {"ok": 0, "skipped": 0, "failed": 0}
+    task = None
+
+    def on_start(total: int) -> None:
+        nonlocal task
+        task = progress.add_task("aligning", total=total, counts="")
+
+    def on_progress(record: dict) -> None:
+        counts[record["status"]] = counts.get(record["status"], 0) + 1
+        text = f"ok {counts['ok']}" + (f", skipped {counts['skipped']}" if counts["skipped"] else "") + \
+            (f", [red]failed {counts['failed']}[/red]" if counts["failed"] else "")
+        progress.update(task, advance=1, counts=text)
+
+    try:
+        with progress:
+            summary = align_directory(aligner, input_dir, out, ref=ref, ref_dir=ref_dir, recursive=recursive,
+                                      overwrite=overwrite, batch_size=batch_size, workers=workers,
+                                      on_progress=on_progress, on_start=on_start, plan=plan, ref_image=ref_image,
+                                      max_pixels=max_pixels)
+    except KeyboardInterrupt:
+        diag.print(f"interrupted; finished pairs are recorded in {escape(str(Path(out) / 'alignments.jsonl'))}: "
+                   "re-run the same command to resume")
+        raise typer.Exit(130)
+    except BatchError as err:
+        fail(str(err), 2 if err.usage else 1)
+    except (ImageError, ValueError, RuntimeError, OSError) as err:
+        fail(str(err))
+
+    show.print(f"aligned {summary.aligned}, skipped {summary.skipped}, failed {summary.failed}, "
+               f"suspect {summary.suspect} in {summary.seconds:.1f} s ({summary.pairs_per_second:.2f} pairs/s)")
+    show.print(f"manifest: {escape(str(summary.manifest))}")
+    if summary.suspects:
+        shown = ", ".join(summary.suspects[:10]) + (f" and {len(summary.suspects) - 10} more" if len(summary.suspects) > 10 else "")
+        diag.print(f"[yellow]suspect[/yellow] (score < {min_score:g}; check these outputs): {escape(shown)}")
+    if summary.failures:
+        diag.print(f"[red]{summary.failed} failed:[/red]")
+        for message in summary.failures:
+            typer.echo(message, err=True)
+        raise typer.Exit(1)
+    if fail_on_suspect and summary.suspect:
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def _model_parameters(path: Path) -> Optional[int]:
+    """Learnable parameter count from the safetensors header (no weights loaded)."""
+    try:
+        from safetensors import safe_open
+
+        total = 0
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                if key.startswith("optim.") or key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                    continue
+                count = 1
+                for dim in f.get_slice(key).get_shape():
+                    count *= dim
+                total += count
+        return total
+    except Exception:  # noqa: BLE001 - a listing must not fail on one odd file
+        return None
+
+
+def _model_card_line(path: Path) -> str:
+    """First prose line of the model card ``NAME.md`` beside the model ('' if none)."""
+    card = path.with_name(path.name.removesuffix(".safetensors") + ".md")
+    try:
+        lines = card.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return ""
+    in_front_matter = bool(lines) and lines[0].strip() == "---"
+    for i, line in enumerate(lines):
+        text = line.strip()
+        if in_front_matter:
+            if i > 0 and text == "---":
+                in_front_matter = False
+            continue
+        if text and not text.startswith(("#", "<!--", "|", "![", "```", "---", "===")):
+            return text
+    return ""
+
+
+def _model_accuracy(validation: dict, size) -> str:
+    if not validation:
+        return "no validation figures"
+    parts = []
+    if "mean_px" in validation:
+        parts.append(f"mean corner error {validation['mean_px']:.2f} px")
+    if "under_3px" in validation:
+        parts.append(f"{validation['under_3px']:.0%} < 3 px")
+    if not parts:
+        return "no validation figures"
+    pairs = f", {validation['pairs']} pairs" if "pairs" in validation else ""
+    return ", ".join(parts) + f" (at {size} px{pairs})"
+
+
+@app.command("models")
+def models_command():
+    """List the shipped models: transform, working size, parameters and validation accuracy."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .align import model_summary, models_dir, shipped_models
+    from .checkpoint import CheckpointError
+
+    console = Console(soft_wrap=True, highlight=False)
+    models = shipped_models()
+    if not models:
+        console.print(f"no models installed (looked in {escape(str(models_dir()))}); "
+                      "use --model PATH.safetensors with your own, or train one with 'stn-align train'")
+        return
+    table = Table(title=f"models in {escape(str(models_dir()))}")
+    for column in ("name", "transform", "size", "parameters", "accuracy (validation)", "description"):
+        table.add_column(column, overflow="fold")
+    for name, path in models.items():
+        try:
+            info = model_summary(path)
+        except (CheckpointError, KeyError, TypeError, ValueError, OSError) as err:
+            table.add_row(escape(name), "?", "?", "?", f"[red]unreadable: {escape(str(err))}[/red]", "")
+            continue
+        params = _model_parameters(path)
+        table.add_row(escape(name), info["transform"], f"{info['size']} px",
+                      f"{params:,}" if params is not None else "?", _model_accuracy(info["validation"], info["size"]),
+                      escape(_model_card_line(path)))
+    console.print(table)
+
+
+# ================================================================================================
+# END align / batch / models commands
+# ================================================================================================
+
+
+# ================================================================================================
+# eval command (owner: evaluation; see stn_align/evaluate.py)
+# ================================================================================================
+
+
+@app.command("eval")
+def eval_command(
+    pairs_dir: Path = typer.Argument(..., metavar="PAIRS_DIR", help="A pair set (inputs/NAME, refs/NAME, gt.jsonl) or, with --synthetic, a folder of photos."),
+    model: str = typer.Option("default", "--model", "-m", help="Shipped model name (see 'stn-align models') or a .safetensors path."),
+    refine: str = typer.Option("ecc", "--refine", help="Refinement(s) to evaluate, comma-separated: ecc, none (e.g. none,ecc shows both)."),
+    baselines: str = typer.Option("identity", "--baselines", help="Comma-separated OpenCV baselines run side by side: identity, orb, sift, ecc ('' for none)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary and every pair's result as JSON to FILE."),
+    synthetic: bool = typer.Option(False, "--synthetic", help="PAIRS_DIR is a folder of photos: make random pairs with known ground truth from them."),
+    n: int = typer.Option(100, "--n", help="--synthetic: number of pairs."),
+    transform: Optional[str] = typer.Option(None, "--transform", help="--synthetic: affine or projective pairs; also the baselines' motion model. Default: the model's."),
+    size: str = typer.Option("256", "--size", help="--synthetic: pair size, N or WxH."),
+    rho: Optional[float] = typer.Option(None, "--rho", help="--synthetic: corner jitter, fraction of the size (default 0.25 for crops, 0.12 perspective for whole-image warps)."),
+    mode: str = typer.Option("auto", "--mode", help="--synthetic: crop (a crop and its corner-jittered copy), whole (the whole photo moved in frame) or auto (whole for photos on a plain background)."),
+    photometric: bool = typer.Option(True, "--photometric/--no-photometric", help="--synthetic: random lighting/blur/noise/JPEG changes on both sides."),
+    seed: int = typer.Option(0, "--seed", help="--synthetic: random seed (same seed, same pairs)."),
+    save_pairs: Optional[Path] = typer.Option(None, "--save-pairs", help="--synthetic: also write the pairs as a pair set to DIR."),
+    preview: Optional[Path] = typer.Option(None, "--preview", help="Write preview sheets of the worst and of random pairs (model's results) to DIR."),
+    preview_n: int = typer.Option(8, "--preview-n", help="Pairs per preview group (worst, random)."),
+    mask: str = typer.Option("none", "--mask", help="none, auto (refinement and score look at each reference's foreground only) or FILE (one mask for every reference)."),
+    iterations: int = typer.Option(3, "--iterations", help="Network refinement rounds."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
+):
+    """Measure accuracy and speed on pairs with known ground truth, side by side with OpenCV baselines.
+
+    Prints mean/median corner error, fraction under 1 and 3 px, failures and seconds per pair.
+    """
+    from rich.console import Console
+    from rich.markup import escape
+
+    refines = [r.strip() for r in refine.split(",") if r.strip()]
+    names = [b.strip() for b in baselines.split(",") if b.strip()]
+    if not refines or any(r not in ("none", "ecc") for r in refines):
+        fail(f"--refine must be ecc, none or a comma-separated list of them, not {refine!r}", 2)
+    if transform is not None and transform not in ("affine", "projective"):
+        fail(f"--transform must be affine or projective, not {transform!r}", 2)
+    if mask not in ("none", "auto") and not Path(mask).is_file():
+        fail(f"--mask must be none, auto or a mask image file, not {mask!r}", 2)
+    if mode not in ("auto", "crop", "whole"):
+        fail(f"--mode must be auto, crop or whole, not {mode!r}", 2)
+    if n < 1 or preview_n < 0 or iterations < 1:
+        fail("--n and --iterations must be at least 1, --preview-n at least 0", 2)
+
+    import json
+
+    from .align import Aligner, resolve_model
+    from .baselines import BASELINES
+    from .checkpoint import CheckpointError
+    from .evaluate import (BaselineMethod, PairSetError, PhotoFolder, Synthetic, load_pair_set, model_methods, parse_size,
+                           rich_table, run, save_pair_set, summarize_all, synthetic_pairs, to_json, write_previews)
+    from .io import ImageError
+
+    unknown = [b for b in names if b not in BASELINES]
+    if unknown:
+        fail(f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}", 2)
+    console, diag = Console(soft_wrap=True, highlight=False), Console(stderr=True, soft_wrap=True, highlight=False)
+    try:
+        aligner = Aligner.load(resolve_model(model), device, iterations=iterations)
+        motion = transform or aligner.transform
+        if synthetic:
+            spec = Synthetic(mode, parse_size(size), motion, rho, photometric)
+            pairs = synthetic_pairs(PhotoFolder(pairs_dir), n, spec, seed=seed)
+            if save_pairs is not None:
+                save_pair_set(pairs, save_pairs)
+                diag.print(f"wrote {len(pairs)} pairs to {escape(str(save_pairs))}")
+        else:
+            pairs = load_pair_set(pairs_dir)
+    except (CheckpointError, PairSetError, ImageError, ValueError, OSError) as err:
+        fail(str(err))
+    methods = model_methods(aligner, refines, None if mask == "none" else mask)
+    methods += [BaselineMethod(b, motion) for b in names]
+
+    from rich.progress import Progress
+
+    with Progress(console=diag, transient=True) as bar:
+        task = bar.add_task(f"{len(pairs)} pairs x {len(methods)} methods", total=len(pairs))
+        results = run(pairs, methods, progress=lambda done, total: bar.update(task, completed=done))
+    summary = summarize_all(results)
+    console.print(rich_table(summary, f"{len(pairs)} pairs, {escape(str(pairs_dir))}"))
+    if json_out is not None:
+        extra = {"pairs_dir": str(pairs_dir), "model": str(model), "transform": motion, "synthetic": synthetic}
+        try:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(to_json(results, summary, extra), indent=1))
+        except OSError as err:
+            fail(f"{json_out}: cannot write ({err.strerror or err})")
+    if preview is not None and preview_n > 0:
+        primary = methods[0].name
+        try:
+            files = write_previews(pairs, results[primary], preview, preview_n, seed, primary)
+        except (ImageError, OSError) as err:
+            fail(str(err))
+        diag.print(f"wrote {len(files)} preview sheets to {escape(str(preview))}")
+
+
+# ================================================================================================
+# END eval command
+# ================================================================================================
+
+
+if __name__ == "__main__":  # python -m stn_align.cli; keep this at the very end of the file
+    app()

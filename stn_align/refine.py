@@ -1,7 +1,10 @@
-"""Photometric refinement (OpenCV's ECC) and the alignment score.
+"""Photometric refinement (OpenCV's ECC), foreground masks and the alignment score.
 
 All matrices follow the package convention: ``(3, 3)`` float64, input pixels -> reference pixels.
-Images here are single-channel float32 ``(H, W)`` in ``[0, 1]`` (see :func:`to_gray`).
+Images here are single-channel float32 ``(H, W)`` in ``[0, 1]`` (see :func:`to_gray`) unless a
+docstring says otherwise. Masks are ``(H, W)`` uint8, 255 = region of interest, 0 = ignore; a mask
+passed to :func:`refine_ecc` or :func:`alignment_score` lives in the **reference** frame (it is
+resized to the reference's size if it differs).
 """
 
 from __future__ import annotations
@@ -9,7 +12,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .geometry import resize_matrix
+from .geometry import pixel_corners, resize_matrix, transform_points
+
+# --- images --------------------------------------------------------------------------------------------
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
@@ -26,18 +31,127 @@ def to_gray(image: np.ndarray) -> np.ndarray:
         alpha = x[..., 3:]
         x = x[..., :3] * alpha + (1 - alpha)
     if x.shape[2] == 1:
-        return x[..., 0]
+        return np.ascontiguousarray(x[..., 0])
     return cv2.cvtColor(np.ascontiguousarray(x[..., :3]), cv2.COLOR_RGB2GRAY)
 
 
 def _shrink(gray: np.ndarray, max_side: int) -> tuple[np.ndarray, np.ndarray]:
     """Downscale so the longer side is at most ``max_side``; returns ``(image, (3, 3) original->small)``."""
-    h, w = gray.shape
+    h, w = gray.shape[:2]
     scale = min(1.0, max_side / max(h, w))
     if scale == 1.0:
         return gray, np.eye(3)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     return cv2.resize(gray, size, interpolation=cv2.INTER_AREA), resize_matrix((w, h), size)
+
+
+def _fit_mask(mask: np.ndarray | None, size: tuple[int, int]) -> np.ndarray | None:
+    """A mask resized (nearest) to ``size = (w, h)``, as uint8 0/255; None passes through."""
+    if mask is None:
+        return None
+    m = np.asarray(mask)
+    if m.ndim == 3:
+        m = m[..., -1] if m.shape[2] in (2, 4) else m[..., 0]
+    m = np.where(m > (0.5 if m.dtype.kind == "f" else 0), 255, 0).astype(np.uint8)
+    if (m.shape[1], m.shape[0]) != tuple(size):
+        m = cv2.resize(m, tuple(size), interpolation=cv2.INTER_NEAREST)
+    return m
+
+
+# --- foreground masks ------------------------------------------------------------------------------------
+
+
+def foreground_mask(
+    image: np.ndarray, threshold: float = 0.06, dilate: float = 0.02, max_side: int = 512
+) -> np.ndarray:
+    """Estimate the product (foreground) of a product shot on a plain background: ``(H, W)`` uint8, 255 = product.
+
+    * An image with a non-trivial alpha channel: the opaque pixels.
+    * Otherwise the background colour is the median of the one-pixel border; pixels farther than
+      ``threshold`` (fraction of full scale, max over RGB) from it are foreground. Opening removes
+      noise and JPEG speckles, closing and hole-filling make the product solid, and a dilation by
+      ``dilate`` x the image diagonal keeps the product's outline (where the alignment signal is).
+    * When the background is not plain (the border is not one colour) or the "foreground" is
+      nearly everything or nothing, the whole image is returned (everything counts).
+
+    Args:
+        image: ``(H, W[, C])`` uint8/uint16/float, C in 1, 3, 4.
+    """
+    x = np.asarray(image)
+    if x.ndim == 2:
+        x = x[..., None]
+    h, w = x.shape[:2]
+    full = np.full((h, w), 255, np.uint8)
+    top = 65535.0 if x.dtype == np.uint16 else (1.0 if x.dtype.kind == "f" else 255.0)
+    scale = min(1.0, max_side / max(h, w))
+    small = x if scale == 1.0 else cv2.resize(x, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    if small.ndim == 2:
+        small = small[..., None]
+    f = small.astype(np.float32) / top
+    sh, sw = f.shape[:2]
+    diag = float(np.hypot(sh, sw))
+    if f.shape[2] == 4:
+        alpha = f[..., 3]
+        if alpha.min() < 0.98:
+            mask = (alpha > 0.05).astype(np.uint8) * 255
+            return _finish_mask(mask, diag, dilate, (w, h), full, solid=False)
+        f = f[..., :3]
+    elif f.shape[2] == 2:
+        f = f[..., :1]
+    border = np.concatenate([f[0], f[-1], f[:, 0], f[:, -1]])
+    background = np.median(border, axis=0)
+    border_distance = np.abs(border - background).max(axis=1)
+    if np.mean(border_distance > threshold) > 0.25:  # the border is not one plain colour
+        return full
+    distance = np.abs(f - background).max(axis=2)
+    distance = cv2.GaussianBlur(distance, (0, 0), 0.8)
+    mask = (distance > threshold).astype(np.uint8) * 255
+    return _finish_mask(mask, diag, dilate, (w, h), full, solid=True)
+
+
+def _finish_mask(mask: np.ndarray, diag: float, dilate: float, size, full: np.ndarray, solid: bool) -> np.ndarray:
+    k = max(1, round(diag * 0.004)) * 2 + 1
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
+    if solid:
+        mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3 * k, 3 * k)))
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        mask = cv2.drawContours(np.zeros_like(mask), contours, -1, 255, thickness=cv2.FILLED)
+    fraction = (mask > 0).mean()
+    if fraction < 0.005 or fraction > 0.97:
+        return full
+    if dilate > 0:
+        d = max(1, round(diag * dilate)) * 2 + 1
+        mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (d, d)))
+    if (mask.shape[1], mask.shape[0]) != tuple(size):
+        mask = cv2.resize(mask, tuple(size), interpolation=cv2.INTER_NEAREST)
+    return mask
+
+
+def load_mask(path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a mask file (any image; alpha if present, else gray > 0) as ``(H, W)`` uint8 0/255, resized to ``size = (w, h)``."""
+    from .io import read_image
+
+    image = read_image(path)
+    channel = image[..., 3] if image.shape[2] == 4 else image[..., :3].max(axis=2)
+    mask = np.where(channel > 0, 255, 0).astype(np.uint8)
+    return mask if size is None else _fit_mask(mask, size)
+
+
+def resolve_mask(mask, reference: np.ndarray) -> np.ndarray | None:
+    """``None``/``"none"`` -> None; ``"auto"`` -> :func:`foreground_mask` of the reference; a path -> the file;
+    an array -> itself. Always sized like ``reference`` ``(H, W, ...)``."""
+    if mask is None or (isinstance(mask, str) and mask == "none"):
+        return None
+    size = (reference.shape[1], reference.shape[0])
+    if isinstance(mask, str) and mask == "auto":
+        return foreground_mask(reference)
+    if isinstance(mask, np.ndarray):
+        return _fit_mask(mask, size)
+    return load_mask(mask, size)
+
+
+# --- the score -------------------------------------------------------------------------------------------
 
 
 def overlap_mask(input_size: tuple[int, int], matrix: np.ndarray, ref_size: tuple[int, int], erode: int = 2) -> np.ndarray:
@@ -50,37 +164,164 @@ def overlap_mask(input_size: tuple[int, int], matrix: np.ndarray, ref_size: tupl
 
 
 def zncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
-    """Zero-mean normalised cross-correlation of ``a`` and ``b`` ``(H, W)`` over ``mask > 0``; -1..1."""
+    """Zero-mean normalised cross-correlation of ``a`` and ``b`` ``(H, W[, C])`` over ``mask > 0``; -1..1."""
     sel = mask > 0
-    if sel.sum() < 16:
+    if np.count_nonzero(sel) < 16:
         return 0.0
-    x, y = a[sel].astype(np.float64), b[sel].astype(np.float64)
-    x -= x.mean()
-    y -= y.mean()
-    denom = np.sqrt((x * x).sum() * (y * y).sum())
-    return float((x * y).sum() / denom) if denom > 1e-12 else 0.0
+    x, y = a[sel].astype(np.float32), b[sel].astype(np.float32)
+    x = (x - x.mean(axis=0, dtype=np.float64).astype(np.float32)).ravel()
+    y = (y - y.mean(axis=0, dtype=np.float64).astype(np.float32)).ravel()
+    xx, yy, xy = float(np.dot(x, x)), float(np.dot(y, y)), float(np.dot(x, y))
+    denom = np.sqrt(xx * yy)
+    return float(np.clip(xy / denom, -1, 1)) if denom > 1e-12 else 0.0
+
+
+def _gradients(gray: np.ndarray, sigma: float) -> np.ndarray:
+    """Smoothed image gradients ``(H, W, 2)`` float32."""
+    g = cv2.GaussianBlur(gray, (0, 0), sigma) if sigma > 0 else gray
+    gx = cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(g, cv2.CV_32F, 0, 1, ksize=3)
+    return np.dstack([gx, gy])
+
+
+def gradient_zncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray, sigma: float = 1.0) -> float:
+    """ZNCC of the gradient fields of ``a`` and ``b`` over ``mask``: flat background contributes nothing,
+    so it measures how well edges coincide (sharp for misalignments of a few pixels)."""
+    return zncc(_gradients(a, sigma), _gradients(b, sigma), mask)
 
 
 def alignment_score(
-    input_gray: np.ndarray, ref_gray: np.ndarray, matrix: np.ndarray, max_side: int = 256, mask: np.ndarray | None = None
+    input_gray: np.ndarray,
+    ref_gray: np.ndarray,
+    matrix: np.ndarray,
+    max_side: int = 256,
+    mask: np.ndarray | None = None,
+    min_coverage: float = 0.3,
 ) -> float:
-    """How well ``matrix`` aligns the two images, in ``[0, 1]``: ZNCC over the overlap, scaled by coverage.
+    """How well ``matrix`` aligns the two images, in ``[0, 1]``; ranks alignments by how likely they are right.
+
+    ``sqrt(clip(gradient ZNCC) * clip(intensity ZNCC))`` over the overlap of the warped input and the
+    reference (restricted to ``mask``, a reference-frame region of interest), at most ``max_side``
+    pixels, times ``min(1, coverage / min_coverage)`` where coverage is the fraction of the reference
+    (or of the mask) that the warped input covers. Gradients make it sharp (a few pixels off lowers it
+    clearly) and blind to flat background; intensity keeps it from rewarding coincident clutter.
 
     Args:
         input_gray, ref_gray: ``(H, W)`` float32.
         matrix: ``(3, 3)`` input -> reference pixels.
         mask: optional ``(H_ref, W_ref)`` uint8 region of interest in the reference.
     """
+    if not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix)) < 1e-12:
+        return 0.0
     ref_small, ref_to_small = _shrink(ref_gray, max_side)
     in_small, in_to_small = _shrink(input_gray, max_side)
     m = ref_to_small @ matrix @ np.linalg.inv(in_to_small)
     size = (ref_small.shape[1], ref_small.shape[0])
-    warped = cv2.warpPerspective(in_small, m, size, flags=cv2.INTER_LINEAR)
-    valid = overlap_mask((in_small.shape[1], in_small.shape[0]), m, size)
-    if mask is not None:
-        valid = valid & cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
-    coverage = (valid > 0).mean()
-    return float(np.clip(zncc(warped, ref_small, valid), 0, 1) * min(1.0, coverage / 0.5))
+    warped = cv2.warpPerspective(in_small, m, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    valid = overlap_mask((in_small.shape[1], in_small.shape[0]), m, size, erode=3)
+    region = _fit_mask(mask, size)
+    if region is not None and (region > 0).sum() >= 16:
+        valid = valid & region
+        coverage = (valid > 0).sum() / max(1, (region > 0).sum())
+    else:
+        coverage = (valid > 0).mean()
+    g = max(0.0, gradient_zncc(warped, ref_small, valid))
+    z = max(0.0, zncc(warped, ref_small, valid))
+    return float(np.sqrt(g * z) * min(1.0, coverage / min_coverage))
+
+
+# --- ECC refinement --------------------------------------------------------------------------------------
+
+
+def ecc_align(
+    input_gray: np.ndarray,
+    ref_gray: np.ndarray,
+    matrix: np.ndarray,
+    transform: str,
+    max_side: int = 640,
+    coarsest: int = 80,
+    iterations: tuple[int, int] = (40, 15),
+    eps: float = 1e-4,
+    gauss: tuple[int, int] = (5, 3),
+    mask: np.ndarray | None = None,
+    match: bool = True,
+) -> np.ndarray | None:
+    """Coarse-to-fine ECC from ``matrix`` (no acceptance test); returns the refined matrix or None if ECC failed.
+
+    The pyramid runs from about ``coarsest`` pixels (longer side) up to ``max_side`` (both images are
+    first shrunk to at most ``max_side``; the result is mapped back to full resolution). Iterations and
+    ECC's Gaussian pre-filter go from ``iterations[0]``/``gauss[0]`` at the coarsest level to
+    ``[1]`` at the finest (a good start converges in few iterations where they are expensive).
+    ``transform``: ``projective`` (homography) or ``affine``.
+    """
+    ref, ref_to = _shrink(ref_gray, max_side)
+    inp, in_to = _shrink(input_gray, max_side)
+    current = ref_to @ matrix @ np.linalg.inv(in_to)
+    motion = cv2.MOTION_HOMOGRAPHY if transform == "projective" else cv2.MOTION_AFFINE
+    ref_mask = _fit_mask(mask, (ref.shape[1], ref.shape[0]))
+    levels = max(0, int(np.floor(np.log2(max(ref.shape) / coarsest))))
+    pyr_r, pyr_i = [ref], [inp]
+    for _ in range(levels):
+        pyr_r.append(cv2.resize(pyr_r[-1], (max(8, round(pyr_r[-1].shape[1] / 2)), max(8, round(pyr_r[-1].shape[0] / 2))), interpolation=cv2.INTER_AREA))
+        pyr_i.append(cv2.resize(pyr_i[-1], (max(8, round(pyr_i[-1].shape[1] / 2)), max(8, round(pyr_i[-1].shape[0] / 2))), interpolation=cv2.INTER_AREA))
+    ok = False
+    for level in range(levels, -1, -1):
+        r_l, i_l = pyr_r[level], pyr_i[level]
+        r_size, i_size = (r_l.shape[1], r_l.shape[0]), (i_l.shape[1], i_l.shape[0])
+        to_r = resize_matrix((ref.shape[1], ref.shape[0]), r_size)
+        to_i = resize_matrix((inp.shape[1], inp.shape[0]), i_size)
+        m_l = to_r @ current @ np.linalg.inv(to_i)  # input_l -> ref_l
+        valid = overlap_mask(i_size, m_l, r_size, erode=1)
+        if ref_mask is not None:
+            region = cv2.resize(ref_mask, r_size, interpolation=cv2.INTER_NEAREST)
+            if ((valid & region) > 0).sum() >= 64:
+                valid &= region
+        if (valid > 0).sum() < 64:
+            continue
+        t = levels and level / levels  # 1 at the coarsest level, 0 at the finest
+        its = round(iterations[1] + t * (iterations[0] - iterations[1]))
+        filt = int(round(gauss[1] + t * (gauss[0] - gauss[1]))) | 1
+        if match:  # re-estimated per level, with the current (improving) estimate
+            i_l = match_intensities(i_l, r_l, m_l, valid)
+        warp = np.linalg.inv(m_l)  # ECC's warp maps template (reference) pixels to input pixels
+        warp = (warp / warp[2, 2]).astype(np.float32)
+        if motion == cv2.MOTION_AFFINE:
+            warp = np.ascontiguousarray(warp[:2])
+        try:
+            _, warp = cv2.findTransformECC(r_l, i_l, warp, motion,
+                                           (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, its, eps), valid, filt)
+        except cv2.error:
+            return current_full(current, ref_to, in_to) if ok else None
+        warp = np.vstack([warp, [0, 0, 1]]) if warp.shape[0] == 2 else warp
+        if not np.all(np.isfinite(warp)) or abs(np.linalg.det(warp)) < 1e-9:
+            return current_full(current, ref_to, in_to) if ok else None
+        m_l = np.linalg.inv(warp.astype(np.float64))
+        current = np.linalg.inv(to_r) @ m_l @ to_i
+        current /= current[2, 2]
+        ok = True
+    return current_full(current, ref_to, in_to) if ok else None
+
+
+def match_intensities(inp: np.ndarray, ref: np.ndarray, matrix: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Map the input's gray levels monotonically onto the reference's (quantile matching over the overlap
+    under ``matrix``), so gamma, contrast and brightness differences do not bias ECC."""
+    size = (ref.shape[1], ref.shape[0])
+    warped = cv2.warpPerspective(inp, matrix, size, flags=cv2.INTER_LINEAR)
+    valid = overlap_mask((inp.shape[1], inp.shape[0]), matrix, size, erode=2) > 0
+    if mask is not None and (valid & (mask > 0)).sum() >= 256:
+        valid &= mask > 0
+    if valid.sum() < 256:
+        return inp
+    q = np.linspace(0, 1, 129)
+    step = max(1, int(valid.sum()) // 40_000)  # a subsample is plenty for 129 quantiles
+    src, dst = np.quantile(warped[valid][::step], q), np.quantile(ref[valid][::step], q)
+    src = np.maximum.accumulate(src + np.arange(len(q)) * 1e-7)  # strictly increasing for interp
+    return np.interp(inp, src, dst).astype(np.float32)
+
+
+def current_full(current: np.ndarray, ref_to: np.ndarray, in_to: np.ndarray) -> np.ndarray:
+    refined = np.linalg.inv(ref_to) @ current @ in_to
+    return refined / refined[2, 2]
 
 
 def refine_ecc(
@@ -88,64 +329,52 @@ def refine_ecc(
     ref_gray: np.ndarray,
     matrix: np.ndarray,
     transform: str,
-    max_side: int = 1024,
-    coarsest: int = 64,
-    iterations: int = 60,
-    eps: float = 1e-5,
+    max_side: int = 640,
+    coarsest: int = 80,
+    iterations: tuple[int, int] = (40, 15),
+    eps: float = 1e-4,
     mask: np.ndarray | None = None,
+    max_move: float = 0.08,
 ) -> tuple[np.ndarray, bool]:
-    """Coarse-to-fine ECC from ``matrix``; returns ``(matrix, improved)``, the input unchanged when ECC does not help.
+    """Polish ``matrix`` with coarse-to-fine ECC; returns ``(matrix, refined)``, the input unchanged unless ECC helps.
 
-    ECC maximises the enhanced correlation coefficient over a homography (or an affine map, matching
-    ``transform``) on an image pyramid, from ``coarsest`` pixels up to ``max_side`` pixels. The result
-    is kept only if the ZNCC over the overlap rises.
+    The refined matrix is kept only if (1) ECC converged to a finite, non-degenerate matrix, (2) it
+    moves the input's corners by at most ``max_move`` x the reference diagonal (ECC refines, it
+    does not re-align), and (3) the photometric agreement over the overlap common to both estimates
+    (and ``mask``) rises: intensity ZNCC (what ECC maximises) must increase and gradient ZNCC must not
+    drop. So a failing ECC never makes a result worse than the network's. See :func:`ecc_align`.
     """
+    matrix = np.asarray(matrix, np.float64)
+    if not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix)) < 1e-12:
+        return matrix, False
+    refined = ecc_align(input_gray, ref_gray, matrix, transform, max_side, coarsest, iterations, eps, mask=mask)
+    if refined is None or not np.all(np.isfinite(refined)):
+        return matrix, False
+    h, w = input_gray.shape[:2]
+    corners = pixel_corners(w, h)
+    move = np.linalg.norm(transform_points(refined, corners) - transform_points(matrix, corners), axis=1).max()
+    if not move <= max_move * np.hypot(*ref_gray.shape[:2]):
+        return matrix, False
+    if _better(input_gray, ref_gray, matrix, refined, mask):
+        return refined, True
+    return matrix, False
+
+
+def _better(input_gray, ref_gray, before: np.ndarray, after: np.ndarray, mask, max_side: int = 320) -> bool:
+    """True if ``after`` agrees better than ``before`` over their common overlap (at most ``max_side`` px)."""
     ref, ref_to = _shrink(ref_gray, max_side)
     inp, in_to = _shrink(input_gray, max_side)
-    current = ref_to @ matrix @ np.linalg.inv(in_to)
-    motion = cv2.MOTION_HOMOGRAPHY if transform == "projective" else cv2.MOTION_AFFINE
-    ref_mask = None if mask is None else cv2.resize(mask, (ref.shape[1], ref.shape[0]), interpolation=cv2.INTER_NEAREST)
-    levels = max(0, int(np.floor(np.log2(max(ref.shape) / coarsest))))
-    start = current.copy()
-    for level in range(levels, -1, -1):
-        f = 0.5**level
-        r_size = (max(8, round(ref.shape[1] * f)), max(8, round(ref.shape[0] * f)))
-        i_size = (max(8, round(inp.shape[1] * f)), max(8, round(inp.shape[0] * f)))
-        r_l = cv2.resize(ref, r_size, interpolation=cv2.INTER_AREA) if level else ref
-        i_l = cv2.resize(inp, i_size, interpolation=cv2.INTER_AREA) if level else inp
-        to_r = resize_matrix((ref.shape[1], ref.shape[0]), r_size)
-        to_i = resize_matrix((inp.shape[1], inp.shape[0]), i_size)
-        m_l = to_r @ current @ np.linalg.inv(to_i)  # input_l -> ref_l
-        valid = overlap_mask(i_size, m_l, r_size)
-        if ref_mask is not None:
-            valid &= cv2.resize(ref_mask, r_size, interpolation=cv2.INTER_NEAREST)
-        if (valid > 0).sum() < 64:
-            continue
-        warp = np.linalg.inv(m_l)  # ECC's warp maps template (reference) pixels to input pixels
-        warp = (warp / warp[2, 2]).astype(np.float32)
-        if motion == cv2.MOTION_AFFINE:
-            warp = warp[:2]
-        try:
-            _, warp = cv2.findTransformECC(r_l, i_l, warp, motion,
-                                           (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, iterations, eps), valid, 3)
-        except cv2.error:
-            break
-        warp = np.vstack([warp, [0, 0, 1]]) if warp.shape[0] == 2 else warp
-        m_l = np.linalg.inv(warp.astype(np.float64))
-        current = np.linalg.inv(to_r) @ m_l @ to_i
-        current /= current[2, 2]
-    before = _agreement(inp, ref, start, ref_mask)
-    after = _agreement(inp, ref, current, ref_mask)
-    if not np.all(np.isfinite(current)) or after <= before:
-        return matrix, False
-    refined = np.linalg.inv(ref_to) @ current @ in_to
-    return refined / refined[2, 2], True
-
-
-def _agreement(inp: np.ndarray, ref: np.ndarray, matrix: np.ndarray, mask: np.ndarray | None) -> float:
-    size = (ref.shape[1], ref.shape[0])
-    warped = cv2.warpPerspective(inp, matrix, size, flags=cv2.INTER_LINEAR)
-    valid = overlap_mask((inp.shape[1], inp.shape[0]), matrix, size)
-    if mask is not None:
-        valid &= mask
-    return zncc(warped, ref, valid)
+    size, in_size = (ref.shape[1], ref.shape[0]), (inp.shape[1], inp.shape[0])
+    m0 = ref_to @ before @ np.linalg.inv(in_to)
+    m1 = ref_to @ after @ np.linalg.inv(in_to)
+    valid = overlap_mask(in_size, m0, size, erode=2) & overlap_mask(in_size, m1, size, erode=2)
+    region = _fit_mask(mask, size)
+    if region is not None and ((valid & region) > 0).sum() >= 64:
+        valid &= region
+    if (valid > 0).sum() < 64:
+        return False
+    w0 = cv2.warpPerspective(inp, m0, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    w1 = cv2.warpPerspective(inp, m1, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    z0, z1 = zncc(w0, ref, valid), zncc(w1, ref, valid)
+    g0, g1 = gradient_zncc(w0, ref, valid, 0.7), gradient_zncc(w1, ref, valid, 0.7)
+    return z1 > z0 and g1 >= g0 - 1e-3

@@ -169,11 +169,12 @@ def localisation_features(in_channels: int, in_hw: tuple[int, int], hidden: int 
 
     ``conv5x5(hidden) [maxpool2 if side > 20] ReLU conv5x5(hidden) [maxpool2 if side > 20] ReLU
     flatten Linear(hidden) ReLU``. Pooling only where the map is large keeps it usable on
-    28x28 / 60x60 images and on 10x10 / 26x26 feature maps alike.
+    28x28 / 60x60 images and on 10x10 / 26x26 feature maps alike; maps smaller than 9x9 get
+    padded 3x3 convs instead of 5x5.
 
     Args:
         in_channels: ``C`` of the ``(B, C, H, W)`` input.
-        in_hw: ``(H, W)`` of the input (both must be >= 9).
+        in_hw: ``(H, W)`` of the input.
         hidden: filters per conv and width of the output feature.
 
     Returns:
@@ -182,8 +183,11 @@ def localisation_features(in_channels: int, in_hw: tuple[int, int], hidden: int 
     layers: list[nn.Module] = []
     c, side = in_channels, min(in_hw)
     for _ in range(2):
-        layers.append(nn.Conv2d(c, hidden, kernel_size=5))
-        side -= 4
+        if side >= 9:
+            layers.append(nn.Conv2d(c, hidden, kernel_size=5))
+            side -= 4
+        else:  # small deep feature maps (e.g. SVHN depth 6/8): size-preserving 3x3
+            layers.append(nn.Conv2d(c, hidden, kernel_size=3, padding=1))
         if side > 20:
             layers.append(nn.MaxPool2d(2))
             side //= 2
@@ -340,6 +344,9 @@ class STNClassifier(nn.Module):
         self.transformer = transformer
         self.depth = depth
         self.placement = placement
+        # set True after ``model.to(memory_format=torch.channels_last)``: the sampler returns
+        # NCHW tensors, which would drop the following convs onto their slow CPU path
+        self.channels_last = False
         with torch.no_grad():
             n_flat = self._features(torch.zeros(2, *in_shape))[0].flatten(1).shape[1]
         self.head = nn.Linear(n_flat, num_classes)
@@ -349,6 +356,9 @@ class STNClassifier(nn.Module):
             x = block(x)
         return x
 
+    def _memory_format(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, C, H, W)`` -> (last feature maps ``(B, C_L, H_L, W_L)``, theta ``(B, 3, 3)``)."""
         b = x.shape[0]
@@ -357,9 +367,11 @@ class STNClassifier(nn.Module):
         early = self._run(x, 0, self.depth)  # (B, C_X, H_X, W_X); the input itself when depth == 0
         if self.placement == "feature":  # STN-CX: warp the feature maps, continue from depth X
             warped, theta = self.transformer(early)
+            warped = self._memory_format(warped)
             return self._run(warped, self.depth, len(self.blocks)), theta
         # STN-SLX: localise from the shared early features, warp the input, run all blocks
         warped, theta = self.transformer(x, loc_input=early)
+        warped = self._memory_format(warped)
         return self._run(warped, 0, len(self.blocks)), theta
 
     def forward_with_theta(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

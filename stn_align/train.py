@@ -45,8 +45,11 @@ class TrainConfig:
     val_pairs: int = 256
     eval_every: int = 1000
     checkpoint_every: int = 500
+    log_every: int = 50  # loss history resolution
+    stop_after: int | None = None  # stop (with a checkpoint) at this step, to continue later with resume
     device: str = "auto"
     workers: int = 1
+    threads: int | None = None  # CPU threads for torch (None: torch's default)
     seed: int = 0
     resume: str | None = None
     init: str | None = None  # start from a model's weights (fine-tuning); head kept if shapes match
@@ -153,6 +156,8 @@ def train(config: TrainConfig, log=print) -> dict:
     """Train (or resume) a model as ``config`` says; writes ``config.out`` and its training state. Returns metadata."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
 
     # Data: photos split by file, decoded once into memory.
     paths = find_photos(config.data_dir)
@@ -244,14 +249,19 @@ def train(config: TrainConfig, log=print) -> dict:
                 step += 1
                 loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
                 progress.update(task, completed=step, loss=f"{loss_avg:.2f}px")
-                if step % 50 == 0:
-                    history.append([step, round(loss_avg, 4)])
+                if step % config.log_every == 0:
+                    history.append([step, round(loss.item(), 4)])
+                if step % 50 == 0 and not progress.console.is_terminal:
+                    log(f"step {step}/{config.steps} loss {loss_avg:.2f}px lr {learning_rate(step, config):.2e} "
+                        f"{(time.time() - t0) / max(1, step - start):.2f}s/step")
                 if val is not None and (step % config.eval_every == 0 or step == config.steps):
                     figures = evaluate(model, val, device, config.iterations + 1)
                     log(f"step {step}: val mean {figures['mean_px']:.2f}px, <1px {figures['under_1px']:.1%}, "
                         f"<3px {figures['under_3px']:.1%}")
-                if step % config.checkpoint_every == 0 or step == config.steps:
+                if step % config.checkpoint_every == 0 or step == config.steps or step == config.stop_after:
                     save(step, figures)
+                if step == config.stop_after:
+                    break
     except KeyboardInterrupt:
         interrupted = True
         save(step, figures)

@@ -1,0 +1,461 @@
+"""Batch mode: align every image of a directory tree to one reference or to a mirrored reference tree.
+
+``align_directory(aligner, input_dir, out_dir, ref=... | ref_dir=...)`` is what ``stn-align batch``
+runs. The pipeline:
+
+* images are decoded on a thread pool (``workers`` threads; the single ``ref`` is decoded once),
+  one chunk ahead of the network;
+* the network runs on chunks of ``batch_size`` pairs at once (:meth:`Aligner.estimate`);
+* ECC refinement, score, full-resolution warp and encoding run per pair on the same thread pool
+  (OpenCV and Pillow release the GIL), writes are atomic (:func:`io.write_image`).
+
+The output tree mirrors the input tree: ``OUT_DIR/REL`` for ``INPUT_DIR/REL`` (same name and format).
+An ``OUT_DIR`` inside ``INPUT_DIR`` is allowed and not entered when listing the inputs; ``OUT_DIR`` equal
+to ``INPUT_DIR`` (or to ``REF_DIR``) is refused. No output may ever be an input or a reference file.
+
+Manifest ``OUT_DIR/alignments.jsonl``: one JSON object per input, fields ``input``, ``reference``,
+``output`` (relative to INPUT_DIR, REF_DIR, OUT_DIR; a single ``--ref`` is recorded as given),
+``matrix`` (3x3, input pixels -> reference pixels), ``transform``, ``score``, ``suspect``,
+``refined``, ``model``, ``status`` (``ok`` / ``failed``) and ``error`` (failed only). During a run each
+record is appended and flushed as soon as its pair is done, so a killed run keeps its work; at the end
+(and at the start, and after an interruption) the file is rewritten atomically with one record per
+input, the last one winning, sorted by input path. A sub-folder of INPUT_DIR that cannot be listed gets
+a ``failed`` record of its own (``input`` is the folder) and the run goes on; an unreadable INPUT_DIR is
+an error before any work.
+
+Resume: an input is skipped (counted ``skipped``; its ``ok`` record is kept as is) when its latest
+record is ``ok``, its output file exists, and it was made against the same reference with the same
+model. Anything else - failed pairs, deleted outputs, another reference or model - is redone;
+``overwrite=True`` redoes everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .io import DEFAULT_MAX_PIXELS, ImageError, is_image_file, list_images, read_image, write_image
+
+MANIFEST_NAME = "alignments.jsonl"
+
+#: Output formats that can hold an alpha channel (``fill="transparent"``).
+ALPHA_SUFFIXES = frozenset({".png", ".tif", ".tiff", ".webp"})
+
+
+class BatchError(Exception):
+    """A problem with the whole run, found before any work (one line). ``usage`` marks option errors."""
+
+    def __init__(self, message: str, usage: bool = False):
+        super().__init__(message)
+        self.usage = usage
+
+
+@dataclass
+class Pair:
+    """One planned alignment."""
+
+    input: Path  # the file
+    rel: str  # its path relative to INPUT_DIR, posix
+    output: Path
+    reference: Optional[Path]  # None when pairing failed
+    ref_label: str  # as recorded in the manifest
+    error: Optional[str] = None  # set at planning time (no reference, ambiguous, would overwrite)
+
+
+@dataclass
+class BatchSummary:
+    """What a run did. ``failures`` are one-line ``PATH: reason`` messages."""
+
+    total: int = 0
+    aligned: int = 0
+    skipped: int = 0
+    failed: int = 0
+    suspect: int = 0
+    seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)
+    suspects: list[str] = field(default_factory=list)  # input paths (relative) of suspect alignments
+    manifest: Optional[Path] = None
+    excluded_out_dir: bool = False  # OUT_DIR was inside INPUT_DIR and left out of the listing
+    interrupted: bool = False
+
+    @property
+    def pairs_per_second(self) -> float:
+        """Throughput of the pairs actually processed (aligned or failed; skipped ones excluded)."""
+        done = self.aligned + self.failed
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+
+# --- planning ---------------------------------------------------------------------------------------------
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def _stem_key(rel: str) -> str:
+    """``a/b/photo.JPG`` -> ``a/b/photo`` (the pairing key for "same stem, any image extension")."""
+    head, _, name = rel.rpartition("/")
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    return f"{head}/{stem}" if head else stem
+
+
+def list_inputs(root: Path, recursive: bool = True, exclude: Optional[Path] = None) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Image files under ``root`` like :func:`io.list_images` (sorted, hidden names and symlinked folders
+    skipped), but a sub-folder that cannot be listed is reported, not fatal, and ``exclude`` (a resolved
+    folder, e.g. an OUT_DIR inside INPUT_DIR) is not entered. Returns ``(files, [(folder, reason)])``.
+    Raises :class:`ImageError` when ``root`` itself cannot be listed.
+    """
+    found: list[tuple[str, ...]] = []
+    problems: list[tuple[Path, str]] = []
+
+    def walk(directory: Path, rel: tuple[str, ...]) -> None:
+        if rel and exclude is not None and directory.resolve() == exclude:
+            return
+        try:
+            with os.scandir(directory) as it:
+                entries = list(it)
+        except OSError as err:
+            if not rel:
+                list_images(directory, recursive=False)  # raises the usual one-line ImageError for the root
+                raise ImageError(directory, f"cannot list directory ({err.strerror or err})") from None
+            reason = "permission denied" if isinstance(err, PermissionError) else \
+                f"cannot list directory ({err.strerror or err})"
+            problems.append((directory, reason))
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if recursive:
+                        walk(Path(entry.path), (*rel, entry.name))
+                elif entry.is_file() and is_image_file(entry.name):
+                    found.append((*rel, entry.name))
+            except OSError:
+                continue  # vanished or dangling entry
+
+    walk(Path(root), ())
+    return [Path(root).joinpath(*parts) for parts in sorted(found)], problems
+
+
+def plan_pairs(
+    input_dir: Path | str,
+    out_dir: Path | str,
+    ref: Path | str | None = None,
+    ref_dir: Path | str | None = None,
+    recursive: bool = True,
+) -> tuple[list[Pair], bool]:
+    """List the inputs and pair each with its reference. Returns ``(pairs, out_dir_excluded)``.
+
+    Raises :class:`BatchError` (usage) for inconsistent directories and :class:`ImageError` for an
+    unreadable ``input_dir`` / ``ref_dir`` / missing ``ref``. Per-input problems (no reference,
+    ambiguous reference, output that would overwrite an input) become ``Pair.error``.
+    """
+    input_dir, out_dir = Path(input_dir), Path(out_dir)
+    if (ref is None) == (ref_dir is None):
+        raise BatchError("give exactly one of --ref FILE or --ref-dir DIR", usage=True)
+    in_root, out_root = input_dir.resolve(), out_dir.resolve()
+    if in_root == out_root:
+        raise BatchError(f"{out_dir}: the output directory is the input directory (choose another -o)", usage=True)
+    if out_root.exists() and not out_root.is_dir():
+        raise BatchError(f"{out_dir}: not a directory", usage=True)
+    if ref_dir is not None and Path(ref_dir).resolve() == out_root:
+        raise BatchError(f"{out_dir}: the output directory is the reference directory (choose another -o)", usage=True)
+    inside = _is_within(out_root, in_root)
+    inputs, unlisted = list_inputs(input_dir, recursive, exclude=out_root if inside else None)
+    excluded = inside and recursive
+
+    protected: set[Path] = {p.resolve() for p in inputs}
+    pairs: list[Pair] = []
+    if ref is not None:
+        ref = Path(ref)
+        if ref.is_dir():
+            raise ImageError(ref, "is a directory (use --ref-dir for a directory of references)")
+        protected.add(ref.resolve())
+        for p in inputs:
+            rel = p.relative_to(input_dir).as_posix()
+            pairs.append(Pair(p, rel, out_dir / rel, ref, str(ref)))
+    else:
+        ref_dir = Path(ref_dir)
+        refs = list_images(ref_dir, recursive=recursive)
+        by_rel: dict[str, Path] = {}
+        by_stem: dict[str, list[Path]] = {}
+        for r in refs:
+            rel = r.relative_to(ref_dir).as_posix()
+            by_rel[rel] = r
+            by_stem.setdefault(_stem_key(rel), []).append(r)
+            protected.add(r.resolve())
+        for p in inputs:
+            rel = p.relative_to(input_dir).as_posix()
+            pair = Pair(p, rel, out_dir / rel, None, "")
+            if rel in by_rel:
+                pair.reference, pair.ref_label = by_rel[rel], rel
+            else:
+                found = by_stem.get(_stem_key(rel), [])
+                if len(found) == 1:
+                    pair.reference, pair.ref_label = found[0], found[0].relative_to(ref_dir).as_posix()
+                elif not found:
+                    pair.error = (f"{p}: no reference in {ref_dir} (looked for {rel} and "
+                                  f"{_stem_key(rel)}.* with any image extension)")
+                else:
+                    names = ", ".join(r.relative_to(ref_dir).as_posix() for r in found)
+                    pair.error = f"{p}: ambiguous reference in {ref_dir}: {names}"
+            pairs.append(pair)
+    for folder, reason in unlisted:  # an unreadable sub-folder: one failed record, the run goes on
+        rel = folder.relative_to(input_dir).as_posix()
+        pairs.append(Pair(folder, rel, out_dir / rel, None, "", error=f"{folder}: {reason}"))
+    pairs.sort(key=lambda p: p.rel.split("/"))
+    for pair in pairs:
+        if pair.error is None and pair.output.resolve() in protected:
+            pair.error = f"{pair.output}: refusing to write an output over an input or reference file"
+    return pairs, excluded
+
+
+def check_alpha_outputs(pairs: list[Pair]) -> None:
+    """``fill="transparent"`` needs outputs that hold alpha; raises :class:`BatchError` (usage) otherwise."""
+    no_alpha = [p.rel for p in pairs if p.error is None and p.output.suffix.lower() not in ALPHA_SUFFIXES]
+    if no_alpha:
+        raise BatchError(f"--fill transparent: {len(no_alpha)} input(s) are in a format without alpha "
+                         f"(e.g. {no_alpha[0]}); use PNG, TIFF or WebP inputs or another --fill", usage=True)
+
+
+def writable(image: np.ndarray) -> np.ndarray:
+    """Gray + alpha ``(H, W, 2)`` (what ``fill="transparent"`` makes of a gray input) -> RGBA, which files hold."""
+    if image.ndim == 3 and image.shape[2] == 2:
+        return np.ascontiguousarray(np.concatenate([np.repeat(image[..., :1], 3, axis=2), image[..., 1:]], axis=2))
+    return image
+
+
+# --- manifest ---------------------------------------------------------------------------------------------
+
+
+def read_manifest(path: Path | str) -> dict[str, dict]:
+    """``{input: record}`` of a manifest, the last record of each input winning; bad lines are ignored."""
+    records: dict[str, dict] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # e.g. the half-written last line of a killed run
+                if isinstance(record, dict) and isinstance(record.get("input"), str):
+                    records[record["input"]] = record
+    except FileNotFoundError:
+        pass
+    return records
+
+
+def write_manifest(path: Path | str, records: dict[str, dict]) -> None:
+    """Rewrite the manifest atomically: one record per input, sorted by input path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for key in sorted(records):
+                f.write(json.dumps(records[key]) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# --- the run ----------------------------------------------------------------------------------------------
+
+
+def _one_line(err: BaseException, path: Path) -> str:
+    if isinstance(err, ImageError):
+        return str(err)
+    text = " ".join(str(err).split()) or type(err).__name__
+    return f"{path}: {text}"
+
+
+def _read(path: Path, max_pixels: Optional[int]):
+    try:
+        return read_image(path, max_pixels=max_pixels), None
+    except Exception as err:  # noqa: BLE001 - any bad file becomes a failed record, the run goes on
+        return None, _one_line(err, path)
+
+
+def align_directory(
+    aligner,
+    input_dir: Path | str,
+    out_dir: Path | str,
+    ref: Path | str | None = None,
+    ref_dir: Path | str | None = None,
+    recursive: bool = True,
+    overwrite: bool = False,
+    batch_size: int = 16,
+    workers: Optional[int] = None,
+    on_progress: Optional[Callable[[dict], None]] = None,
+    on_start: Optional[Callable[[int], None]] = None,
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+    plan: Optional[tuple[list[Pair], bool]] = None,
+    ref_image: Optional[np.ndarray] = None,
+) -> BatchSummary:
+    """Align every image under ``input_dir`` into ``out_dir``; see the module docstring.
+
+    Args:
+        aligner: a loaded :class:`stn_align.align.Aligner`.
+        ref / ref_dir: one reference for all inputs, or a tree of references paired by relative path
+            (or by relative stem with any image extension).
+        batch_size: pairs per network call. workers: decode/refine/encode threads (default min(4, cpus)).
+        on_start: called once with the number of inputs. on_progress: called with each input's record
+            (``status`` ``ok``, ``failed`` or ``skipped``) as it completes, from the calling thread.
+        max_pixels: decompression-bomb limit of every decode (see :func:`io.read_image`).
+        plan: the result of :func:`plan_pairs` for these arguments, if already computed.
+        ref_image: ``ref`` already decoded, if it was.
+
+    Raises :class:`BatchError` or :class:`ImageError` before any work for a bad setup
+    (missing/unreadable ``ref``, ``input_dir``, ``ref_dir``; ``out_dir`` equal to ``input_dir``).
+    """
+    if batch_size < 1:
+        raise BatchError("--batch-size must be at least 1", usage=True)
+    workers = workers or min(4, os.cpu_count() or 1)
+    if workers < 1:
+        raise BatchError("--workers must be at least 1", usage=True)
+    input_dir, out_dir = Path(input_dir), Path(out_dir)
+    pairs, excluded = plan if plan is not None else plan_pairs(input_dir, out_dir, ref, ref_dir, recursive)
+    if getattr(aligner, "fill", None) == "transparent":
+        check_alpha_outputs(pairs)
+    shared_ref = ref_image
+    if ref is not None and shared_ref is None:
+        shared_ref = read_image(ref, max_pixels=max_pixels)  # ImageError: fatal, before any work
+
+    summary = BatchSummary(total=len(pairs), excluded_out_dir=excluded)
+    summary.manifest = out_dir / MANIFEST_NAME
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ImageError(out_dir, f"cannot create output directory ({err.strerror or err})") from None
+    records = read_manifest(summary.manifest)
+    write_manifest(summary.manifest, records)  # compact what a killed run left
+    model_name = getattr(aligner, "name", "custom")
+    if on_start:
+        on_start(len(pairs))
+
+    start = time.perf_counter()
+    todo: list[Pair] = []
+    manifest = open(summary.manifest, "a", encoding="utf-8")
+
+    def done(pair: Pair, record: dict) -> None:
+        status = record["status"]
+        if status == "skipped":
+            summary.skipped += 1
+        else:
+            manifest.write(json.dumps(record) + "\n")
+            manifest.flush()
+            records[pair.rel] = record
+            if status == "ok":
+                summary.aligned += 1
+                if record.get("suspect"):
+                    summary.suspect += 1
+                    summary.suspects.append(pair.rel)
+            else:
+                summary.failed += 1
+                summary.failures.append(record["error"])
+        if on_progress:
+            on_progress(record)
+
+    def base(pair: Pair) -> dict:
+        return {"input": pair.rel, "reference": pair.ref_label,
+                "output": pair.output.relative_to(out_dir).as_posix(), "model": model_name}
+
+    def failed(pair: Pair, message: str) -> dict:
+        return {**base(pair), "matrix": None, "transform": aligner.transform, "score": None,
+                "suspect": False, "refined": False, "status": "failed", "error": message}
+
+    try:
+        for pair in pairs:
+            previous = records.get(pair.rel)
+            if pair.error is not None:
+                done(pair, failed(pair, pair.error))
+            elif (not overwrite and previous and previous.get("status") == "ok" and pair.output.is_file()
+                  and previous.get("reference") == pair.ref_label and previous.get("model") == model_name):
+                done(pair, {**previous, "status": "skipped"})
+            else:
+                todo.append(pair)
+
+        def finish(pair: Pair, image, reference, matrix) -> dict:
+            try:
+                result = aligner.finish(image, reference, matrix, warp=True)
+                write_image(pair.output, writable(result.image))
+                return {**base(pair), **result.to_record(), "status": "ok"}
+            except Exception as err:  # noqa: BLE001
+                return failed(pair, _one_line(err, pair.input))
+
+        def decode(pair: Pair):
+            image, err = _read(pair.input, max_pixels)
+            if err is not None:
+                return None, None, err
+            if shared_ref is not None:
+                return image, shared_ref, None
+            reference, err = _read(pair.reference, max_pixels)
+            return image, reference, err
+
+        chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stn-batch")
+        try:
+            decoding: deque[list[Future]] = deque()
+            finishing: deque[tuple[Pair, Future]] = deque()
+            next_chunk = 0
+
+            def prefetch():
+                nonlocal next_chunk
+                while next_chunk < len(chunks) and len(decoding) < 2:  # the current chunk and one ahead
+                    decoding.append([pool.submit(decode, p) for p in chunks[next_chunk]])
+                    next_chunk += 1
+
+            def collect(block_until: int) -> None:
+                """Report finished pairs in order; wait while more than ``block_until`` are pending."""
+                while finishing and (finishing[0][1].done() or len(finishing) > block_until):
+                    pair, fut = finishing.popleft()
+                    done(pair, fut.result())
+
+            prefetch()
+            for chunk in chunks:
+                decoded = [f.result() for f in decoding.popleft()]
+                prefetch()
+                ready = []
+                for pair, (image, reference, err) in zip(chunk, decoded):
+                    if err is not None:
+                        done(pair, failed(pair, err))
+                    else:
+                        ready.append((pair, image, reference))
+                if ready:
+                    try:
+                        matrices = aligner.estimate([r[1] for r in ready], [r[2] for r in ready])
+                    except Exception as err:  # noqa: BLE001 - e.g. out of memory: fail this chunk, go on
+                        for pair, _, _ in ready:
+                            done(pair, failed(pair, _one_line(err, pair.input)))
+                    else:
+                        for (pair, image, reference), matrix in zip(ready, matrices):
+                            finishing.append((pair, pool.submit(finish, pair, image, reference, matrix)))
+                del decoded, ready
+                collect(block_until=2 * batch_size)
+            collect(block_until=0)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C: drop queued work, let running pairs end
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        raise
+    finally:
+        summary.seconds = time.perf_counter() - start
+        manifest.close()
+        try:
+            write_manifest(summary.manifest, records)
+        except OSError:
+            pass  # the appended records are still there; the next run compacts them
+    return summary

@@ -1,0 +1,145 @@
+"""Tests for stn-align eval: pair sets, metrics, baselines, previews and the CLI command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from stn_align import baselines
+from stn_align.checkpoint import save_model
+from stn_align.cli import app
+from stn_align.evaluate import (Pair, PairResult, Synthetic, load_pair_set, pair_error, roc_auc, save_pair_set, summarize,
+                                synthetic_pairs)
+from stn_align.geometry import corner_error
+from stn_align.io import read_image, write_image
+from stn_align.model import AlignerNet, ModelConfig
+from stn_align.preview import GAP, LABEL_H, TILE, TITLE_H, make_sheet
+
+torch.set_num_threads(1)
+cv2.setNumThreads(1)
+SHEET_SHAPE = (TITLE_H + LABEL_H + TILE + GAP, 5 * TILE + 6 * GAP, 3)
+
+
+def textured(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = sum(cv2.GaussianBlur(rng.normal(size=(h, w, 3)).astype(np.float32), (0, 0), s) * s for s in (2, 5, 12))
+    return ((x - x.min()) / (x.max() - x.min()) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def identity_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "identity.safetensors"
+    save_model(path, AlignerNet(ModelConfig(transform="projective")), {})
+    return path
+
+
+@pytest.fixture(scope="module")
+def photos_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    for i in range(3):
+        write_image(root / f"photo{i}.png", textured(200, 240, i))
+    return root
+
+
+@pytest.fixture(scope="module")
+def pair_set(tmp_path_factory) -> Path:
+    photos = [textured(200, 240, i) for i in range(3)]
+    pairs = synthetic_pairs(photos, 4, Synthetic("crop", (96, 96), "projective", 0.1, photometric=False), seed=3)
+    root = tmp_path_factory.mktemp("pairs")
+    save_pair_set(pairs, root)
+    return root
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(app, ["eval", *args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_eval_on_a_pair_set_reports_the_ground_truth_error(identity_model, pair_set, tmp_path):
+    out = tmp_path / "eval.json"
+    result = invoke(str(pair_set), "--model", str(identity_model), "--refine", "none", "--baselines", "identity",
+                    "--json", str(out), "--device", "cpu")
+    for text in ("identity+none", "identity", "mean px", "<3px"):
+        assert text in result.output
+    report = json.loads(out.read_text())
+    truth = {r["name"]: np.array(r["matrix"]) for r in map(json.loads, (pair_set / "gt.jsonl").read_text().splitlines())}
+    expected = {name: corner_error(np.eye(3), m, (96, 96)) for name, m in truth.items()}
+    for method in ("identity", "identity+none"):  # the fresh network is exactly the identity
+        rows = report["pairs"][method]
+        assert {r["name"] for r in rows} == set(expected)
+        for r in rows:
+            assert r["error"] == pytest.approx(expected[r["name"]], abs=1e-3)
+            assert not r["failed"]
+        summary = report["summary"][method]
+        assert summary["pairs"] == 4 and summary["failures"] == 0
+        assert summary["mean_px"] == pytest.approx(np.mean(list(expected.values())), abs=1e-3)
+        assert 0 <= report["pairs"]["identity+none"][0]["score"] <= 1
+
+
+def test_eval_synthetic_save_pairs_and_preview(identity_model, photos_dir, tmp_path):
+    saved, previews = tmp_path / "saved", tmp_path / "previews"
+    invoke(str(photos_dir), "--synthetic", "--n", "3", "--size", "80x64", "--seed", "1", "--model", str(identity_model),
+           "--refine", "ecc", "--baselines", "", "--save-pairs", str(saved), "--preview", str(previews),
+           "--preview-n", "1", "--device", "cpu")
+    names = [json.loads(line)["name"] for line in (saved / "gt.jsonl").read_text().splitlines()]
+    assert len(names) == 3
+    assert sorted(p.name for p in (saved / "inputs").iterdir()) == sorted(names)
+    assert sorted(p.name for p in (saved / "refs").iterdir()) == sorted(names)
+    pairs = load_pair_set(saved)
+    assert pairs[0].input.shape == (64, 80, 3) and pairs[0].matrix.shape == (3, 3)
+    sheets = sorted(previews.iterdir())
+    assert [p.name.split("_")[0] for p in sheets] == ["random", "worst"]
+    for sheet in sheets:
+        assert read_image(sheet).shape == SHEET_SHAPE
+
+
+def test_eval_errors_are_one_line(tmp_path, identity_model):
+    result = CliRunner().invoke(app, ["eval", str(tmp_path), "--model", str(identity_model), "--device", "cpu"])
+    assert result.exit_code != 0 and "not a pair set" in result.output
+    result = CliRunner().invoke(app, ["eval", str(tmp_path), "--baselines", "surf"])
+    assert result.exit_code == 2 and "unknown baseline" in result.output
+
+
+def test_failures_count_with_the_identity_error_and_as_misses():
+    truth = np.array([[1, 0, 0.5], [0, 1, 0], [0, 0, 1]], np.float64)  # identity is 0.5 px off
+    pair = Pair("p", np.zeros((50, 60, 3), np.uint8), np.zeros((50, 60, 3), np.uint8), truth)
+    assert pair_error(None, pair) == (pytest.approx(0.5), True)
+    assert pair_error(np.full((3, 3), np.nan), pair)[1]
+    huge = np.array([[1e9, 0, 0], [0, 1, 0], [0, 0, 1]], np.float64)
+    assert pair_error(huge, pair) == (pytest.approx(np.hypot(60, 50)), False)  # capped at the diagonal
+    rows = [PairResult("a", "", 0.5, True, 0.1), PairResult("b", "", 0.2, False, 0.3)]
+    s = summarize(rows)
+    assert s["failures"] == 1 and s["under_1px"] == 0.5 and s["mean_px"] == pytest.approx(0.35)
+
+
+def test_roc_auc():
+    assert roc_auc([0.9, 0.8, 0.1], [1, 2, 20]) == 1.0
+    assert roc_auc([0.1, 0.8, 0.9], [1, 2, 20]) == 0.0
+    assert roc_auc([0.5, 0.5], [1, 20]) == 0.5  # ties count half
+    assert roc_auc([0.5, 0.5], [1, 2]) is None  # no bad pairs
+
+
+def test_baselines_recover_a_known_motion():
+    image_in = textured(160, 200, 7)
+    truth = np.array([[1.02, 0.03, 4.0], [-0.02, 0.99, -3.0], [0, 0, 1]], np.float64)
+    image_ref = cv2.warpPerspective(image_in, truth, (200, 160), borderMode=cv2.BORDER_REFLECT)
+    for name in ("sift", "ecc"):
+        for transform in ("projective", "affine"):
+            m = baselines.get(name)(image_in, image_ref, transform)
+            assert m is not None and corner_error(m, truth, (200, 160)) < 1.0, (name, transform)
+    assert baselines.orb(image_in, image_ref) is None or baselines.orb(image_in, image_ref).shape == (3, 3)
+    assert baselines.sift(np.full((64, 64, 3), 255, np.uint8), np.full((64, 64, 3), 255, np.uint8)) is None
+    assert np.array_equal(baselines.identity(image_in, image_ref), np.eye(3))
+
+
+def test_make_sheet_layout():
+    sheet = make_sheet(textured(100, 150, 1), np.dstack([textured(120, 90, 2), np.full((120, 90), 255, np.uint8)]),
+                       textured(120, 90, 3)[..., 0], title="a title")
+    assert sheet.shape == SHEET_SHAPE and sheet.dtype == np.uint8
