@@ -126,7 +126,8 @@ def main(argv=None) -> int:
             confidence[name] = {
                 "auc": {**{key: roc_auc([r.score for r in rs], [r.error for r in rs]) for key, rs in rows.items()},
                         "all": roc_auc(scores, errors)},
-                "thresholds": threshold_table(scores, errors, (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)),
+                "thresholds": threshold_table(scores, errors, np.round(np.arange(0.1, 0.95, 0.1), 2)),
+                "youden_min_score": youden(scores, errors),
                 "good_pairs": int((errors < 3).sum()), "bad_pairs": int((errors > 10).sum()),
             }
     elapsed = time.perf_counter() - started
@@ -154,6 +155,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def youden(scores: np.ndarray, errors: np.ndarray) -> float | None:
+    """The min_score (0.05 grid) maximising bad-flagged minus good-flagged (Youden's J), or None."""
+    rows = [r for r in threshold_table(scores, errors, np.round(np.arange(0.05, 1.0, 0.05), 2))
+            if r["bad_flagged"] is not None and r["good_flagged"] is not None]
+    return max(rows, key=lambda r: r["bad_flagged"] - r["good_flagged"])["min_score"] if rows else None
+
+
 def render(summaries: dict, confidence: dict, info: dict) -> str:
     lines = ["# stn-align benchmark", "",
              f"{info['pairs_per_setting']} synthetic pairs per setting from held-out photos (seed {info['seed']}), "
@@ -175,6 +183,8 @@ def render(summaries: dict, confidence: dict, info: dict) -> str:
         for row in c["thresholds"]:
             cells = ["-" if row[k] is None else f"{row[k]:.1%}" for k in ("bad_flagged", "good_flagged", "flagged")]
             lines.append(f"| {row['min_score']:.1f} | " + " | ".join(cells) + " |")
+        if c.get("youden_min_score") is not None:
+            lines += ["", f"Threshold maximising (bad flagged - good flagged): {c['youden_min_score']:.2f}."]
         lines.append("")
     return "\n".join(lines)
 

@@ -216,7 +216,7 @@ class Aligner:
     iterations: int = 3
     refine: str = "ecc"
     fill: str | tuple = "white"
-    min_score: float = 0.3
+    min_score: float = 0.75  # benchmark: flags all >10 px results, no <3 px ones (see benchmarks/results.md)
     mask: str | np.ndarray | None = None  # None, "auto" (foreground of the reference), a file path or an (H_ref, W_ref) array
     metadata: dict = field(default_factory=dict)
     name: str = "custom"

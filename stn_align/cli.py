@@ -14,7 +14,7 @@ import typer.core
 
 from . import __version__
 
-# ----------------------------------------------------------------- default command (align section owner)
+# ---------------------------------------------------------------------------------- default command
 
 
 class DefaultCommandGroup(typer.core.TyperGroup):
@@ -74,62 +74,6 @@ def main(
     """Align an input image to a reference with a siamese spatial transformer network."""
 
 
-# ---------------------------------------------------------------------------------------------- train
-
-
-@app.command()
-def train(
-    data_dir: Path = typer.Argument(..., help="Folder of photos (searched recursively, any common image format)."),
-    out: Path = typer.Option(..., "-o", "--out", help="Model file to write (MODEL.safetensors; training state goes beside it)."),
-    transform: str = typer.Option("projective", help="affine (6 parameters) or projective (8)."),
-    size: int = typer.Option(128, help="Working resolution in pixels (multiple of 32)."),
-    steps: int = typer.Option(20000, help="Optimizer steps."),
-    batch_size: int = typer.Option(32, help="Pairs per step."),
-    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    workers: int = typer.Option(1, help="Data-generating worker processes."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for the network (default: torch's choice)."),
-    val_fraction: float = typer.Option(0.1, help="Fraction of photos held out for validation."),
-    resume: Optional[Path] = typer.Option(None, help="Continue from MODEL.safetensors (or its .state.safetensors)."),
-    init: Optional[Path] = typer.Option(None, help="Start from another model's weights (fine-tuning)."),
-    seed: int = typer.Option(0, help="Seed of the pair sampler (training data is a function of seed and step)."),
-    iterations: int = typer.Option(2, help="Refinement rounds unrolled in training."),
-    p_crop: float = typer.Option(0.5, help="Fraction of crop pairs (DeTone); the rest are whole-image warps with fill."),
-    max_rotation: float = typer.Option(30.0, help="Whole-image warps: rotation range, degrees."),
-    max_scale: float = typer.Option(1.28, help="Whole-image warps: scale factor range [1/F, F]."),
-    max_shear: float = typer.Option(0.15, help="Whole-image warps: shear factor."),
-    max_translation: float = typer.Option(0.15, help="Whole-image warps: translation, fraction of the size."),
-    max_perspective: float = typer.Option(0.12, help="Whole-image warps: corner jitter, fraction of the size (projective)."),
-    crop_rho: float = typer.Option(0.25, help="Crop pairs: corner jitter, fraction of the crop size."),
-    eval_every: int = typer.Option(1000, help="Validate every N steps."),
-    checkpoint_every: int = typer.Option(500, help="Checkpoint every N steps."),
-):
-    """Train an aligner on your own photos, self-supervised by random synthetic warps."""
-    from .checkpoint import CheckpointError
-    from .data import WarpRanges
-    from .io import ImageError
-    from .train import TrainConfig
-    from .train import train as run_training
-
-    if transform not in ("affine", "projective"):
-        fail(f"--transform must be affine or projective, not {transform!r}")
-    ranges = WarpRanges(max_rotation=max_rotation, max_scale=max_scale, max_shear=max_shear,
-                        max_translation=max_translation, max_perspective=max_perspective, crop_rho=crop_rho)
-    config = TrainConfig(data_dir=str(data_dir), out=str(out), transform=transform, size=size, steps=steps,
-                         batch_size=batch_size, lr=lr, device=device, workers=workers, threads=threads, val_fraction=val_fraction,
-                         resume=str(resume) if resume else None, init=str(init) if init else None, seed=seed,
-                         iterations=iterations, p_crop=p_crop, ranges=ranges, eval_every=eval_every,
-                         checkpoint_every=checkpoint_every)
-    try:
-        result = run_training(config)
-    except KeyboardInterrupt:
-        raise typer.Exit(130)
-    except (ImageError, CheckpointError, ValueError, RuntimeError) as err:
-        fail(str(err))
-    figures = result.get("validation")
-    typer.echo(f"wrote {out}" + (f" (validation: mean {figures['mean_px']:.2f}px, <3px {figures['under_3px']:.1%})" if figures else ""))
-
-
 # ================================================================================================
 # BEGIN align / batch / models commands (owner: CLI inference). Other commands live in their own
 # sections; helpers here are prefixed ``_infer_`` / ``_model_`` to avoid clashes.
@@ -147,6 +91,14 @@ _DEVICE_HELP = "auto (CUDA when available), cpu or cuda."
 _FILL_HELP = "Border of the aligned image: white, black, edge, transparent (adds alpha) or R,G,B."
 _REFINE_HELP = "ecc: polish the network's estimate with OpenCV's ECC (kept only if it helps); none: network only."
 _MIN_SCORE_HELP = "Alignments scoring below this (0-1) are flagged suspect."
+_MASK_HELP = ("none, auto (refinement and score look only at the reference's foreground: the product on a plain "
+              "background, or its alpha) or FILE (a mask image in the reference's frame, non-zero = use).")
+
+
+def _infer_check_mask(mask: str) -> Optional[str]:
+    if mask not in ("none", "auto") and not Path(mask).is_file():
+        fail(f"{mask}: --mask must be none, auto or an existing mask image file", 2)
+    return None if mask == "none" else mask
 
 
 def _infer_consoles(json_to_stdout: bool = False):
@@ -239,8 +191,10 @@ def align_command(
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     fill: str = typer.Option("white", "--fill", help=_FILL_HELP),
     refine: str = typer.Option("ecc", "--refine", help=_REFINE_HELP),
-    min_score: float = typer.Option(0.3, "--min-score", help=_MIN_SCORE_HELP),
+    min_score: float = typer.Option(0.75, "--min-score", help=_MIN_SCORE_HELP),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the result record as JSON to FILE, or '-' for stdout.", metavar="FILE|-"),
+    mask: str = typer.Option("none", "--mask", help=_MASK_HELP),
+    preview: Optional[Path] = typer.Option(None, "--preview", help="Also write a sheet (input | reference | aligned | overlay | checkerboard) to FILE."),
     max_pixels: int = typer.Option(178_956_970, "--max-pixels", help="Refuse images larger than this many pixels (decompression-bomb guard)."),
 ):
     """Align INPUT onto REF and write the aligned image (also: stn-align INPUT --ref REF)."""
@@ -271,11 +225,18 @@ def align_command(
         image_in, image_ref = read_image(input, max_pixels=max_pixels), read_image(ref, max_pixels=max_pixels)
     except ImageError as err:
         fail(str(err))
+    mask_option = _infer_check_mask(mask)
+    if preview is not None and preview.suffix.lower() not in _WRITE_SUFFIXES:
+        fail(f"{preview}: unsupported preview format {preview.suffix or '(no suffix)'!r}", 2)
     aligner = _infer_load(model, transform, device, diag, iterations=iterations, refine=refine, fill=fill,
-                          min_score=min_score)
+                          min_score=min_score, mask=mask_option)
     try:
         result = aligner.align(image_in, image_ref)
         write_image(output, writable(result.image))
+        if preview is not None:
+            from .preview import make_sheet
+
+            write_image(preview, make_sheet(image_in, image_ref, result.image, title=input.name))
     except (ImageError, ValueError, RuntimeError) as err:
         fail(str(err) if isinstance(err, ImageError) else f"{input}: {err}")
     record = {"input": str(input), "reference": str(ref), "output": str(output), **result.to_record(),
@@ -314,7 +275,8 @@ def batch_command(
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     fill: str = typer.Option("white", "--fill", help=_FILL_HELP),
     refine: str = typer.Option("ecc", "--refine", help=_REFINE_HELP),
-    min_score: float = typer.Option(0.3, "--min-score", help=_MIN_SCORE_HELP),
+    min_score: float = typer.Option(0.75, "--min-score", help=_MIN_SCORE_HELP),
+    mask: str = typer.Option("none", "--mask", help=_MASK_HELP),
     recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Include sub-folders."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo inputs already aligned by a previous run (default: resume, skipping them)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Pairs per network call."),
@@ -341,6 +303,7 @@ def batch_command(
     if workers is not None and workers < 1:
         fail(f"--workers must be at least 1, not {workers}", 2)
     _infer_check_options(transform, refine, fill, iterations, min_score)
+    mask_option = _infer_check_mask(mask)
     show, diag = _infer_consoles()
     try:
         plan = plan_pairs(input_dir, out, ref=ref, ref_dir=ref_dir, recursive=recursive)
@@ -357,7 +320,7 @@ def batch_command(
         diag.print(f"[yellow]warning:[/yellow] no images found in {escape(str(input_dir))}"
                    + ("" if recursive else " (without sub-folders: --no-recursive)"))
     aligner = _infer_load(model, transform, device, diag, iterations=iterations, refine=refine, fill=fill,
-                          min_score=min_score)
+                          min_score=min_score, mask=mask_option)
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), TextColumn("eta"),
@@ -403,6 +366,63 @@ def batch_command(
         raise typer.Exit(1)
     if fail_on_suspect and summary.suspect:
         raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+@app.command()
+def train(
+    data_dir: Path = typer.Argument(..., help="Folder of photos (searched recursively, any common image format)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Model file to write (MODEL.safetensors; training state goes beside it)."),
+    transform: str = typer.Option("projective", help="affine (6 parameters) or projective (8)."),
+    size: int = typer.Option(128, help="Working resolution in pixels (multiple of 32)."),
+    steps: int = typer.Option(20000, help="Optimizer steps."),
+    batch_size: int = typer.Option(32, help="Pairs per step."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    workers: int = typer.Option(1, help="Data-generating worker processes."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for the network (default: torch's choice)."),
+    val_fraction: float = typer.Option(0.1, help="Fraction of photos held out for validation."),
+    resume: Optional[Path] = typer.Option(None, help="Continue from MODEL.safetensors (or its .state.safetensors)."),
+    init: Optional[Path] = typer.Option(None, help="Start from another model's weights (fine-tuning)."),
+    seed: int = typer.Option(0, help="Seed of the pair sampler (training data is a function of seed and step)."),
+    iterations: int = typer.Option(2, help="Refinement rounds unrolled in training."),
+    p_crop: float = typer.Option(0.5, help="Fraction of crop pairs (DeTone); the rest are whole-image warps with fill."),
+    max_rotation: float = typer.Option(30.0, help="Whole-image warps: rotation range, degrees."),
+    max_scale: float = typer.Option(1.28, help="Whole-image warps: scale factor range [1/F, F]."),
+    max_shear: float = typer.Option(0.15, help="Whole-image warps: shear factor."),
+    max_translation: float = typer.Option(0.15, help="Whole-image warps: translation, fraction of the size."),
+    max_perspective: float = typer.Option(0.12, help="Whole-image warps: corner jitter, fraction of the size (projective)."),
+    crop_rho: float = typer.Option(0.25, help="Crop pairs: corner jitter, fraction of the crop size."),
+    eval_every: int = typer.Option(1000, help="Validate every N steps."),
+    checkpoint_every: int = typer.Option(500, help="Checkpoint every N steps."),
+    stop_after: Optional[int] = typer.Option(None, help="Stop (with a checkpoint) at this step; continue later with --resume."),
+):
+    """Train an aligner on your own photos, self-supervised by random synthetic warps."""
+    from .checkpoint import CheckpointError
+    from .data import WarpRanges
+    from .io import ImageError
+    from .train import TrainConfig
+    from .train import train as run_training
+
+    if transform not in ("affine", "projective"):
+        fail(f"--transform must be affine or projective, not {transform!r}")
+    ranges = WarpRanges(max_rotation=max_rotation, max_scale=max_scale, max_shear=max_shear,
+                        max_translation=max_translation, max_perspective=max_perspective, crop_rho=crop_rho)
+    config = TrainConfig(data_dir=str(data_dir), out=str(out), transform=transform, size=size, steps=steps,
+                         batch_size=batch_size, lr=lr, device=device, workers=workers, threads=threads, val_fraction=val_fraction,
+                         resume=str(resume) if resume else None, init=str(init) if init else None, seed=seed,
+                         iterations=iterations, p_crop=p_crop, ranges=ranges, eval_every=eval_every,
+                         checkpoint_every=checkpoint_every, stop_after=stop_after)
+    try:
+        result = run_training(config)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    except (ImageError, CheckpointError, ValueError, RuntimeError) as err:
+        fail(str(err))
+    figures = result.get("validation")
+    typer.echo(f"wrote {out}" + (f" (validation: mean {figures['mean_px']:.2f}px, <3px {figures['under_3px']:.1%})" if figures else ""))
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -512,7 +532,7 @@ def eval_command(
     synthetic: bool = typer.Option(False, "--synthetic", help="PAIRS_DIR is a folder of photos: make random pairs with known ground truth from them."),
     n: int = typer.Option(100, "--n", help="--synthetic: number of pairs."),
     transform: Optional[str] = typer.Option(None, "--transform", help="--synthetic: affine or projective pairs; also the baselines' motion model. Default: the model's."),
-    size: str = typer.Option("256", "--size", help="--synthetic: pair size, N or WxH."),
+    size: str = typer.Option("256", "--size", help="--synthetic: pair size, WxH, or N (crops: N x N; whole-image warps: longer side N, the photo's aspect)."),
     rho: Optional[float] = typer.Option(None, "--rho", help="--synthetic: corner jitter, fraction of the size (default 0.25 for crops, 0.12 perspective for whole-image warps)."),
     mode: str = typer.Option("auto", "--mode", help="--synthetic: crop (a crop and its corner-jittered copy), whole (the whole photo moved in frame) or auto (whole for photos on a plain background)."),
     photometric: bool = typer.Option(True, "--photometric/--no-photometric", help="--synthetic: random lighting/blur/noise/JPEG changes on both sides."),
@@ -523,6 +543,7 @@ def eval_command(
     mask: str = typer.Option("none", "--mask", help="none, auto (refinement and score look at each reference's foreground only) or FILE (one mask for every reference)."),
     iterations: int = typer.Option(3, "--iterations", help="Network refinement rounds."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch and OpenCV (default: their own choice); timings depend on it."),
 ):
     """Measure accuracy and speed on pairs with known ground truth, side by side with OpenCV baselines.
 
@@ -546,6 +567,9 @@ def eval_command(
 
     import json
 
+    import cv2
+    import torch
+
     from .align import Aligner, resolve_model
     from .baselines import BASELINES
     from .checkpoint import CheckpointError
@@ -557,11 +581,16 @@ def eval_command(
     if unknown:
         fail(f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}", 2)
     console, diag = Console(soft_wrap=True, highlight=False), Console(stderr=True, soft_wrap=True, highlight=False)
+    if threads is not None:
+        if threads < 1:
+            fail("--threads must be at least 1", 2)
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)
     try:
         aligner = Aligner.load(resolve_model(model), device, iterations=iterations)
         motion = transform or aligner.transform
         if synthetic:
-            spec = Synthetic(mode, parse_size(size), motion, rho, photometric)
+            spec = Synthetic(mode, parse_size(size), motion, rho, photometric, keep_aspect="x" not in size.lower())
             pairs = synthetic_pairs(PhotoFolder(pairs_dir), n, spec, seed=seed)
             if save_pairs is not None:
                 save_pair_set(pairs, save_pairs)

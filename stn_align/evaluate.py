@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -59,13 +59,17 @@ class PairSetError(Exception):
 
 
 def load_pair_set(directory: str | Path) -> list[Pair]:
-    """Read ``inputs/``, ``refs/`` and ``gt.jsonl`` from ``directory`` (images via :func:`io.read_image`)."""
+    """Read ``inputs/``, ``refs/`` and ``gt.jsonl`` from ``directory`` (images via :func:`io.read_image`).
+
+    Also reads the one-reference layout of ``examples/`` (``ground_truth.json`` + ``inputs/``)."""
     from .io import ImageError, read_image
 
     root = Path(directory)
     gt_path = root / "gt.jsonl"
     if not root.is_dir():
         raise PairSetError(f"{root}: no such directory")
+    if not gt_path.is_file() and (root / "ground_truth.json").is_file():
+        return _load_one_reference_set(root)
     if not gt_path.is_file():
         raise PairSetError(f"{root}: not a pair set (expected inputs/, refs/ and gt.jsonl; use --synthetic to make pairs from photos)")
     pairs = []
@@ -87,6 +91,24 @@ def load_pair_set(directory: str | Path) -> list[Pair]:
         pairs.append(Pair(name, image_in, image_ref, matrix / matrix[2, 2]))
     if not pairs:
         raise PairSetError(f"{gt_path}: no pairs")
+    return pairs
+
+
+def _load_one_reference_set(root: Path) -> list[Pair]:
+    """The ``examples/`` layout: ``ground_truth.json`` = ``{"reference": FILE, "matrices": {NAME: 3x3}}``, inputs in ``inputs/``."""
+    from .io import ImageError, read_image
+
+    try:
+        spec = json.loads((root / "ground_truth.json").read_text())
+        reference = read_image(root / spec["reference"])
+        pairs = [Pair(name, read_image(root / "inputs" / name), reference, np.asarray(m, np.float64) / m[2][2])
+                 for name, m in sorted(spec["matrices"].items())]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as err:
+        raise PairSetError(f"{root / 'ground_truth.json'}: bad ground truth ({err})") from None
+    except ImageError as err:
+        raise PairSetError(str(err)) from None
+    if not pairs:
+        raise PairSetError(f"{root / 'ground_truth.json'}: no pairs")
     return pairs
 
 
@@ -126,6 +148,7 @@ class Synthetic:
     photometric: bool = True
     fill: tuple[int, int, int] | None = None
     ranges: object | None = None  # data.WarpRanges for whole mode (None: the defaults)
+    keep_aspect: bool = False  # whole mode: longer side size[0], the photo's aspect ratio (size[1] ignored)
 
     def __post_init__(self):
         if self.mode not in ("auto", "crop", "whole"):
@@ -191,7 +214,12 @@ def synthetic_pair(photo: np.ndarray, rng: np.random.Generator, spec: Synthetic,
         ranges = spec.ranges or WarpRanges()
         if spec.rho is not None:
             ranges = replace(ranges, max_perspective=spec.rho)
-        image_in, image_ref, matrix = whole_pair(photo, rng, spec.size, ranges, spec.transform, spec.fill)
+        size = spec.size
+        if spec.keep_aspect:
+            h, w = photo.shape[:2]
+            side = spec.size[0]
+            size = (side, max(16, round(side * h / w))) if w >= h else (max(16, round(side * w / h)), side)
+        image_in, image_ref, matrix = whole_pair(photo, rng, size, ranges, spec.transform, spec.fill)
     if spec.photometric:
         image_in, image_ref = photometric(image_in, rng), photometric(image_ref, rng)
     return Pair(name, image_in, image_ref, matrix, group)
@@ -240,6 +268,10 @@ class Method:
     def __call__(self, pair: Pair) -> Outcome:
         raise NotImplementedError
 
+    def warmup(self, pair: Pair) -> None:
+        """Run once untimed (lazy initialisation must not count in the first pair's time)."""
+        self(pair)
+
 
 class BaselineMethod(Method):
     """A function of :mod:`baselines` with the motion model ``transform``."""
@@ -283,6 +315,10 @@ class ModelMethod(Method):
         finally:
             self.aligner.refine = saved
         return Outcome(result.matrix, network_seconds + time.perf_counter() - start, result.score, result.refined)
+
+    def warmup(self, pair: Pair) -> None:
+        self(pair)
+        self.cache.clear()  # the timed run must not reuse the (cold) estimate
 
 
 def _mask_arg(mask) -> dict:
@@ -330,10 +366,16 @@ def pair_error(matrix, pair: Pair) -> tuple[float, bool]:
 
 
 def run(
-    pairs: Sequence[Pair], methods: Sequence[Method], progress: Callable[[int, int], None] | None = None
+    pairs: Sequence[Pair], methods: Sequence[Method], progress: Callable[[int, int], None] | None = None,
+    warmup: bool = True,
 ) -> dict[str, list[PairResult]]:
-    """Run every method on every pair (pair-major, so variants can share work); ``{method name: results}``."""
+    """Run every method on every pair (pair-major, so variants can share work); ``{method name: results}``.
+
+    With ``warmup`` every method first runs once, untimed, on the first pair."""
     results: dict[str, list[PairResult]] = {m.name: [] for m in methods}
+    if warmup and pairs:
+        for method in methods:
+            method.warmup(pairs[0])
     for index, pair in enumerate(pairs):
         for method in methods:
             outcome = method(pair)
@@ -424,10 +466,10 @@ def rich_table(summary: dict[str, dict], title: str = ""):
 
     table = Table(title=title or None, caption="corner error in reference pixels; a failure (no matrix) counts as a miss "
                   "and with the identity's error; errors capped at the input diagonal; AUC: score, <3 px vs >10 px")
-    table.add_column("method", style="bold", no_wrap=True)
+    table.add_column("method", style="bold", overflow="fold")
     for header, _, _ in COLUMNS:
-        table.add_column(header, justify="right", no_wrap=True)
-    table.add_column("AUC", justify="right", no_wrap=True)
+        table.add_column(header, justify="right", no_wrap=True, min_width=max(5, len(header)))
+    table.add_column("AUC", justify="right", no_wrap=True, min_width=5)
     for name, s in summary.items():
         table.add_row(name, *[_cell(s.get(key), fmt) for _, key, fmt in COLUMNS], _cell(s.get("score_auc"), "{:.3f}"))
     return table

@@ -194,17 +194,20 @@ def alignment_score(
     input_gray: np.ndarray,
     ref_gray: np.ndarray,
     matrix: np.ndarray,
-    max_side: int = 256,
+    max_side: int = 384,
     mask: np.ndarray | None = None,
     min_coverage: float = 0.3,
+    sigma: float = 0.7,
 ) -> float:
     """How well ``matrix`` aligns the two images, in ``[0, 1]``; ranks alignments by how likely they are right.
 
-    ``sqrt(clip(gradient ZNCC) * clip(intensity ZNCC))`` over the overlap of the warped input and the
-    reference (restricted to ``mask``, a reference-frame region of interest), at most ``max_side``
-    pixels, times ``min(1, coverage / min_coverage)`` where coverage is the fraction of the reference
-    (or of the mask) that the warped input covers. Gradients make it sharp (a few pixels off lowers it
-    clearly) and blind to flat background; intensity keeps it from rewarding coincident clutter.
+    The ZNCC of the **gradient fields** (Gaussian ``sigma`` px, Sobel) of the warped input and the
+    reference over their overlap (restricted to ``mask``, a reference-frame region of interest), at most
+    ``max_side`` pixels, clipped at 0, times ``min(1, coverage / min_coverage)`` where coverage is the
+    fraction of the reference (or of the mask) that the warped input covers. Gradients make it sharp
+    (a few pixels off lowers it clearly), blind to flat background and to brightness/contrast changes.
+    On the benchmark pairs it separates alignments under 3 px from those over 10 px far better than
+    intensity ZNCC (which stays high for a product slightly off on a white background).
 
     Args:
         input_gray, ref_gray: ``(H, W)`` float32.
@@ -225,9 +228,8 @@ def alignment_score(
         coverage = (valid > 0).sum() / max(1, (region > 0).sum())
     else:
         coverage = (valid > 0).mean()
-    g = max(0.0, gradient_zncc(warped, ref_small, valid))
-    z = max(0.0, zncc(warped, ref_small, valid))
-    return float(np.sqrt(g * z) * min(1.0, coverage / min_coverage))
+    g = max(0.0, gradient_zncc(warped, ref_small, valid, sigma))
+    return float(g * min(1.0, coverage / min_coverage))
 
 
 # --- ECC refinement --------------------------------------------------------------------------------------
@@ -239,7 +241,7 @@ def ecc_align(
     matrix: np.ndarray,
     transform: str,
     max_side: int = 640,
-    coarsest: int = 80,
+    coarsest: int = 64,
     iterations: tuple[int, int] = (40, 15),
     eps: float = 1e-4,
     gauss: tuple[int, int] = (5, 3),
@@ -291,15 +293,15 @@ def ecc_align(
             _, warp = cv2.findTransformECC(r_l, i_l, warp, motion,
                                            (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, its, eps), valid, filt)
         except cv2.error:
-            return current_full(current, ref_to, in_to) if ok else None
+            return _to_full(current, ref_to, in_to) if ok else None
         warp = np.vstack([warp, [0, 0, 1]]) if warp.shape[0] == 2 else warp
         if not np.all(np.isfinite(warp)) or abs(np.linalg.det(warp)) < 1e-9:
-            return current_full(current, ref_to, in_to) if ok else None
+            return _to_full(current, ref_to, in_to) if ok else None
         m_l = np.linalg.inv(warp.astype(np.float64))
         current = np.linalg.inv(to_r) @ m_l @ to_i
         current /= current[2, 2]
         ok = True
-    return current_full(current, ref_to, in_to) if ok else None
+    return _to_full(current, ref_to, in_to) if ok else None
 
 
 def match_intensities(inp: np.ndarray, ref: np.ndarray, matrix: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -319,7 +321,7 @@ def match_intensities(inp: np.ndarray, ref: np.ndarray, matrix: np.ndarray, mask
     return np.interp(inp, src, dst).astype(np.float32)
 
 
-def current_full(current: np.ndarray, ref_to: np.ndarray, in_to: np.ndarray) -> np.ndarray:
+def _to_full(current: np.ndarray, ref_to: np.ndarray, in_to: np.ndarray) -> np.ndarray:
     refined = np.linalg.inv(ref_to) @ current @ in_to
     return refined / refined[2, 2]
 
@@ -330,7 +332,7 @@ def refine_ecc(
     matrix: np.ndarray,
     transform: str,
     max_side: int = 640,
-    coarsest: int = 80,
+    coarsest: int = 64,
     iterations: tuple[int, int] = (40, 15),
     eps: float = 1e-4,
     mask: np.ndarray | None = None,

@@ -181,7 +181,15 @@ def train(config: TrainConfig, log=print) -> dict:
     if config.init:
         source, _ = load_model(config.init)
         own = model.state_dict()
-        shared = {k: v for k, v in source.state_dict().items() if k in own and own[k].shape == v.shape}
+        shared = {}
+        for name, value in source.state_dict().items():
+            if name not in own:
+                continue
+            if own[name].shape == value.shape:
+                shared[name] = value
+            elif own[name].shape[1:] == value.shape[1:] and own[name].shape[0] < value.shape[0]:
+                # projective -> affine output layer: (TL, TR, BR) are the first 6 of the 8 corner outputs
+                shared[name] = value[: own[name].shape[0]]
         model.load_state_dict(shared, strict=False)
         log(f"initialised {len(shared)}/{len(own)} tensors from {config.init}")
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]

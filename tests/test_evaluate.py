@@ -143,3 +143,12 @@ def test_make_sheet_layout():
     sheet = make_sheet(textured(100, 150, 1), np.dstack([textured(120, 90, 2), np.full((120, 90), 255, np.uint8)]),
                        textured(120, 90, 3)[..., 0], title="a title")
     assert sheet.shape == SHEET_SHAPE and sheet.dtype == np.uint8
+
+
+def test_the_examples_folder_is_a_pair_set():
+    root = Path(__file__).resolve().parents[1] / "examples"
+    if not (root / "ground_truth.json").is_file():
+        pytest.skip("no examples/ground_truth.json")
+    pairs = load_pair_set(root)
+    assert len(pairs) == 3 and all(p.matrix.shape == (3, 3) and p.matrix[2, 2] == 1 for p in pairs)
+    assert pairs[0].reference.shape[:2] == (256, 384)
