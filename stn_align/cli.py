@@ -380,6 +380,7 @@ def train(
     steps: int = typer.Option(20000, help="Optimizer steps."),
     batch_size: int = typer.Option(32, help="Pairs per step."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
+    warmup: int = typer.Option(300, help="Linear warm-up steps."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     workers: int = typer.Option(1, help="Data-generating worker processes."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the network (default: torch's choice)."),
@@ -410,7 +411,7 @@ def train(
         fail(f"--transform must be affine or projective, not {transform!r}")
     ranges = WarpRanges(max_rotation=max_rotation, max_scale=max_scale, max_shear=max_shear,
                         max_translation=max_translation, max_perspective=max_perspective, crop_rho=crop_rho)
-    config = TrainConfig(data_dir=str(data_dir), out=str(out), transform=transform, size=size, steps=steps,
+    config = TrainConfig(data_dir=str(data_dir), out=str(out), transform=transform, size=size, steps=steps, warmup=warmup,
                          batch_size=batch_size, lr=lr, device=device, workers=workers, threads=threads, val_fraction=val_fraction,
                          resume=str(resume) if resume else None, init=str(init) if init else None, seed=seed,
                          iterations=iterations, p_crop=p_crop, ranges=ranges, eval_every=eval_every,
@@ -628,6 +629,30 @@ def eval_command(
 # ================================================================================================
 # END eval command
 # ================================================================================================
+
+
+# ------------------------------------------------------------------------------------------ reproduce
+
+
+@app.command("reproduce")
+def reproduce_command(
+    experiment: str = typer.Argument(..., help="mnist-rot, mnist-trans or svhn."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="MNIST dir (the four IDX .gz files, unpacked files or a torchvision root) or SVHN dir "
+        "(train_32x32.mat, test_32x32.mat; needs scipy). Default: ../shared/data/<mnist|svhn>."),
+    epochs: int = typer.Option(3, "--epochs", min=1, help="Passes over the training set."),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per network (0..N-1)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    out: Path = typer.Option(Path("icpr2020-results"), "--out", help="Output folder for results.md, results.json and figure3.png."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Train on this many images (smoke runs)."),
+):
+    """Reproduce Finnveden et al. (ICPR 2020): CNN vs STN-C0 / STN-CX / STN-SLX (SVHN must be supplied by you)."""
+    from .reproduce import run_reproduce
+
+    try:
+        run_reproduce(experiment, data, epochs=epochs, seeds=seeds, device=device, out_dir=out, limit=limit)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
 
 
 if __name__ == "__main__":  # python -m stn_align.cli; keep this at the very end of the file

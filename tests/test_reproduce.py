@@ -88,3 +88,13 @@ def test_draw_figure3(tmp_path):
     angles = [-90.0, 0.0, 90.0]
     draw_figure3(tmp_path / "f.png", angles, {"STN-SL1": np.array([[-80.0, -95], [0, 5], [85, 90]])})
     assert cv2.imread(str(tmp_path / "f.png")).shape == (540, 720, 3)
+
+
+def test_cli_reproduce_without_svhn_is_a_one_line_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from stn_align.cli import app
+
+    result = CliRunner().invoke(app, ["reproduce", "svhn", "--data", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "SVHN must be supplied" in result.output and len(result.output.strip().splitlines()) == 1
