@@ -103,16 +103,9 @@ def as_array(image: ImageLike) -> np.ndarray:
 
 def network_view(image: np.ndarray, size: int) -> np.ndarray:
     """``(H, W, C)`` any dtype -> ``(size, size, 3)`` float32 in ``[0, 1]`` RGB, alpha on white, anti-aliased."""
-    if image.dtype == np.uint8:
-        x = image.astype(np.float32) / 255
-    elif image.dtype == np.uint16:
-        x = image.astype(np.float32) / 65535
-    else:
-        x = image.astype(np.float32)
-    if x.shape[2] == 4:
-        x = x[..., :3] * x[..., 3:] + (1 - x[..., 3:])
-    elif x.shape[2] == 1:
-        x = np.repeat(x, 3, axis=2)
+    from .io import to_float_rgb
+
+    x = to_float_rgb(image)
     interp = cv2.INTER_AREA if max(x.shape[:2]) > size else cv2.INTER_LINEAR
     return cv2.resize(np.ascontiguousarray(x), (size, size), interpolation=interp)
 

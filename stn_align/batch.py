@@ -42,7 +42,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .io import DEFAULT_MAX_PIXELS, ImageError, is_image_file, list_images, read_image, write_image
+from .io import DEFAULT_MAX_PIXELS, ImageError, list_images, read_image, write_image
 
 MANIFEST_NAME = "alignments.jsonl"
 
@@ -112,42 +112,13 @@ def _stem_key(rel: str) -> str:
 
 
 def list_inputs(root: Path, recursive: bool = True, exclude: Optional[Path] = None) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Image files under ``root`` like :func:`io.list_images` (sorted, hidden names and symlinked folders
-    skipped), but a sub-folder that cannot be listed is reported, not fatal, and ``exclude`` (a resolved
-    folder, e.g. an OUT_DIR inside INPUT_DIR) is not entered. Returns ``(files, [(folder, reason)])``.
-    Raises :class:`ImageError` when ``root`` itself cannot be listed.
+    """Image files under ``root`` (:func:`io.list_images`), but a sub-folder that cannot be listed is
+    reported, not fatal, and ``exclude`` (e.g. an OUT_DIR inside INPUT_DIR) is not entered.
+    Returns ``(files, [(folder, reason)])``; raises :class:`ImageError` when ``root`` cannot be listed.
     """
-    found: list[tuple[str, ...]] = []
     problems: list[tuple[Path, str]] = []
-
-    def walk(directory: Path, rel: tuple[str, ...]) -> None:
-        if rel and exclude is not None and directory.resolve() == exclude:
-            return
-        try:
-            with os.scandir(directory) as it:
-                entries = list(it)
-        except OSError as err:
-            if not rel:
-                list_images(directory, recursive=False)  # raises the usual one-line ImageError for the root
-                raise ImageError(directory, f"cannot list directory ({err.strerror or err})") from None
-            reason = "permission denied" if isinstance(err, PermissionError) else \
-                f"cannot list directory ({err.strerror or err})"
-            problems.append((directory, reason))
-            return
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    if recursive:
-                        walk(Path(entry.path), (*rel, entry.name))
-                elif entry.is_file() and is_image_file(entry.name):
-                    found.append((*rel, entry.name))
-            except OSError:
-                continue  # vanished or dangling entry
-
-    walk(Path(root), ())
-    return [Path(root).joinpath(*parts) for parts in sorted(found)], problems
+    files = list_images(root, recursive, exclude=exclude, problems=problems)
+    return files, problems
 
 
 def plan_pairs(

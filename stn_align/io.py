@@ -390,6 +390,18 @@ def to_float(image: np.ndarray) -> np.ndarray:
     raise TypeError(f"to_float expects uint8 or uint16, got {image.dtype}")
 
 
+def to_float_rgb(image: np.ndarray) -> np.ndarray:
+    """``(H, W[, C])`` uint8/uint16/float -> ``(H, W, 3)`` float32 in ``[0, 1]``: gray replicated, alpha on white."""
+    x = to_float(image) if image.dtype in (np.uint8, np.uint16) else image.astype(np.float32)
+    if x.ndim == 2:
+        x = x[..., None]
+    if x.shape[2] == 4:
+        x = x[..., :3] * x[..., 3:] + (1 - x[..., 3:])
+    elif x.shape[2] == 1:
+        x = np.repeat(x, 3, axis=2)
+    return np.ascontiguousarray(x)
+
+
 def from_float(image: np.ndarray, dtype: Any) -> np.ndarray:
     """Float array in [0, 1] -> ``dtype`` (uint8/uint16), rounded and clipped; NaN -> 0."""
     dt = np.dtype(dtype)
@@ -409,28 +421,42 @@ def is_image_file(path: str | os.PathLike[str]) -> bool:
     return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def list_images(root: str | os.PathLike[str], recursive: bool = True) -> list[Path]:
+def list_images(
+    root: str | os.PathLike[str],
+    recursive: bool = True,
+    exclude: Path | None = None,
+    problems: list[tuple[Path, str]] | None = None,
+) -> list[Path]:
     """Image files under ``root`` (``root / relative``), sorted by relative path parts.
 
     Hidden files and directories (name starting with '.') are skipped; symlinked files are
-    listed, symlinked directories are not entered (no loops). Raises :class:`ImageError`
-    for a root (or sub-directory) that is missing, not a directory or not readable.
+    listed, symlinked directories are not entered (no loops); ``exclude`` (a resolved folder,
+    e.g. an output folder inside the input folder) is not entered. Raises :class:`ImageError`
+    for a root that is missing, not a directory or not readable; a sub-directory that cannot be
+    listed raises too, unless ``problems`` is a list, which then collects ``(folder, reason)``.
     """
     base = Path(root)
     found: list[tuple[str, ...]] = []
 
     def walk(directory: Path, rel: tuple[str, ...]) -> None:
+        if rel and exclude is not None and directory.resolve() == exclude:
+            return
         try:
             with os.scandir(directory) as it:
                 entries = list(it)
-        except FileNotFoundError:
-            raise ImageError(directory, "no such directory") from None
-        except NotADirectoryError:
-            raise ImageError(directory, "not a directory") from None
-        except PermissionError:
-            raise ImageError(directory, "permission denied") from None
         except OSError as e:
-            raise ImageError(directory, f"cannot list directory ({e.strerror or e})") from None
+            if isinstance(e, FileNotFoundError):
+                reason = "no such directory"
+            elif isinstance(e, NotADirectoryError):
+                reason = "not a directory"
+            elif isinstance(e, PermissionError):
+                reason = "permission denied"
+            else:
+                reason = f"cannot list directory ({e.strerror or e})"
+            if rel and problems is not None:
+                problems.append((directory, reason))
+                return
+            raise ImageError(directory, reason) from None
         for entry in entries:
             if entry.name.startswith("."):
                 continue

@@ -13,26 +13,17 @@ import cv2
 import numpy as np
 
 from .geometry import pixel_corners, resize_matrix, transform_points
+from .io import to_float, to_float_rgb
 
 # --- images --------------------------------------------------------------------------------------------
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
     """``(H, W[, C])`` uint8/uint16/float -> ``(H, W)`` float32 in ``[0, 1]``; alpha composited on white."""
-    if image.dtype == np.uint8:
-        x = image.astype(np.float32) / 255
-    elif image.dtype == np.uint16:
-        x = image.astype(np.float32) / 65535
-    else:
-        x = image.astype(np.float32)
-    if x.ndim == 2:
-        return x
-    if x.shape[2] == 4:
-        alpha = x[..., 3:]
-        x = x[..., :3] * alpha + (1 - alpha)
-    if x.shape[2] == 1:
-        return np.ascontiguousarray(x[..., 0])
-    return cv2.cvtColor(np.ascontiguousarray(x[..., :3]), cv2.COLOR_RGB2GRAY)
+    if image.ndim == 2 or image.shape[2] == 1:
+        x = to_float(image) if image.dtype in (np.uint8, np.uint16) else image.astype(np.float32)
+        return np.ascontiguousarray(x.reshape(image.shape[:2]))
+    return cv2.cvtColor(to_float_rgb(image), cv2.COLOR_RGB2GRAY)
 
 
 def _shrink(gray: np.ndarray, max_side: int) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,6 @@ from stn_align.geometry import corner_error
 
 from conftest import SHARED
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -24,34 +24,11 @@ from stn_align.cli import app
 from stn_align.io import read_image, write_image
 from stn_align.model import AlignerNet, ModelConfig
 
-PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos" / "products"
-TINY = dict(size=64, widths=(8, 16, 32), head_width=32)
-SHIFT = np.array([[1.0, 0, 3], [0, 1.0, -2], [0, 0, 1]])  # input -> reference pixels
+from conftest import PHOTOS, SHIFT, TINY, corner_error
 
 
-def corner_error(m, expected=SHIFT, size=(160, 120)) -> float:
-    """Largest distance (px) between where ``m`` and ``expected`` send the image corners."""
-    w, h = size
-    pts = np.float64([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]]).reshape(-1, 1, 2)
-    a = cv2.perspectiveTransform(pts, np.asarray(m, np.float64))
-    b = cv2.perspectiveTransform(pts, np.asarray(expected, np.float64))
-    return float(np.linalg.norm(a - b, axis=2).max())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    torch.manual_seed(0)
-    save_model(path, AlignerNet(ModelConfig(**TINY)), {"validation": {"mean_px": 1.5, "under_3px": 0.9, "pairs": 64}})
-    return path
 
 
 @pytest.fixture
