@@ -250,6 +250,13 @@ def ecc_align(
     ref, ref_to = _shrink(ref_gray, max_side)
     inp, in_to = _shrink(input_gray, max_side)
     current = ref_to @ matrix @ np.linalg.inv(in_to)
+    # Bring the input to the reference's scale, so each pyramid level compares like with like.
+    scale = np.sqrt(abs(np.linalg.det(current[:2, :2] / current[2, 2])))
+    if scale < 0.8:
+        size = (max(8, round(inp.shape[1] * scale)), max(8, round(inp.shape[0] * scale)))
+        to_small = resize_matrix((inp.shape[1], inp.shape[0]), size)
+        inp, in_to = cv2.resize(inp, size, interpolation=cv2.INTER_AREA), to_small @ in_to
+        current = current @ np.linalg.inv(to_small)
     motion = cv2.MOTION_HOMOGRAPHY if transform == "projective" else cv2.MOTION_AFFINE
     ref_mask = _fit_mask(mask, (ref.shape[1], ref.shape[0]))
     levels = max(0, int(np.floor(np.log2(max(ref.shape) / coarsest))))
@@ -281,18 +288,30 @@ def ecc_align(
         if motion == cv2.MOTION_AFFINE:
             warp = np.ascontiguousarray(warp[:2])
         try:
-            _, warp = cv2.findTransformECC(r_l, i_l, warp, motion,
-                                           (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, its, eps), valid, filt)
-        except cv2.error:
-            return _to_full(current, ref_to, in_to) if ok else None
+            _, warp = _find_transform_ecc(r_l, i_l, valid, warp, motion,
+                                          (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, its, eps), filt)
+        except cv2.error:  # no convergence at this level: keep the estimate, try the finer levels
+            continue
         warp = np.vstack([warp, [0, 0, 1]]) if warp.shape[0] == 2 else warp
         if not np.all(np.isfinite(warp)) or abs(np.linalg.det(warp)) < 1e-9:
-            return _to_full(current, ref_to, in_to) if ok else None
+            continue
         m_l = np.linalg.inv(warp.astype(np.float64))
         current = np.linalg.inv(to_r) @ m_l @ to_i
         current /= current[2, 2]
         ok = True
     return _to_full(current, ref_to, in_to) if ok else None
+
+
+def _find_transform_ecc(template, image, template_mask, warp, motion, criteria, filt):
+    """OpenCV's ECC with the mask in the *template* (reference) frame, for images of any sizes.
+
+    ``findTransformECC``'s own mask belongs to the input image (OpenCV >= 4.13 checks its size), so use
+    ``findTransformECCWithMask`` where it exists; older OpenCV took the mask as the template's.
+    """
+    if hasattr(cv2, "findTransformECCWithMask"):
+        everywhere = np.full(image.shape[:2], 255, np.uint8)
+        return cv2.findTransformECCWithMask(template, image, template_mask, everywhere, warp, motion, criteria, filt)
+    return cv2.findTransformECC(template, image, warp, motion, criteria, template_mask, filt)
 
 
 def match_intensities(inp: np.ndarray, ref: np.ndarray, matrix: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
