@@ -163,6 +163,18 @@ def test_json_to_stdout(tmp_path, model_file):
     assert "matrix" in result.stderr
 
 
+def test_preview_sheet_and_mask_options(tmp_path, model_file):
+    inp, ref = make_pair(tmp_path)
+    sheet = tmp_path / "sheet.png"
+    result = run(inp, "--ref", ref, "-o", tmp_path / "out.png", "--model", model_file, "--device", "cpu",
+                 "--preview", sheet, "--mask", "auto")
+    assert result.exit_code == 0, result.output
+    image = read_image(sheet)
+    assert image.shape[0] > 120 and image.shape[1] > 4 * 160 and image.shape[2] == 3  # several panels side by side
+    result = run(inp, "--ref", ref, "--model", model_file, "--mask", tmp_path / "no-such-mask.png")
+    assert result.exit_code == 2 and "no-such-mask.png" in error_lines(result)[0]
+
+
 def test_real_subprocess(tmp_path, model_file):
     inp, ref = make_pair(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
