@@ -386,7 +386,7 @@ def train(
     threads: Optional[int] = typer.Option(None, help="CPU threads for the network (default: torch's choice)."),
     val_fraction: float = typer.Option(0.1, help="Fraction of photos held out for validation."),
     resume: Optional[Path] = typer.Option(None, help="Continue from MODEL.safetensors (or its .state.safetensors)."),
-    init: Optional[Path] = typer.Option(None, help="Start from another model's weights (fine-tuning)."),
+    init: Optional[str] = typer.Option(None, help="Start from a model's weights (fine-tuning): a shipped name, e.g. default, or a path."),
     seed: int = typer.Option(0, help="Seed of the pair sampler (training data is a function of seed and step)."),
     iterations: int = typer.Option(2, help="Refinement rounds unrolled in training."),
     p_crop: float = typer.Option(0.5, help="Fraction of crop pairs (DeTone); the rest are whole-image warps with fill."),
@@ -645,12 +645,14 @@ def reproduce_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     out: Path = typer.Option(Path("icpr2020-results"), "--out", help="Output folder for results.md, results.json and figure3.png."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Train on this many images (smoke runs)."),
+    threads: int = typer.Option(1, "--threads", min=1, help="CPU threads for torch."),
 ):
     """Reproduce Finnveden et al. (ICPR 2020): CNN vs STN-C0 / STN-CX / STN-SLX (SVHN must be supplied by you)."""
     from .reproduce import run_reproduce
 
     try:
-        run_reproduce(experiment, data, epochs=epochs, seeds=seeds, device=device, out_dir=out, limit=limit)
+        run_reproduce(experiment, data, epochs=epochs, seeds=seeds, device=device, out_dir=out, limit=limit,
+                      threads=threads)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
 

@@ -179,7 +179,9 @@ def train(config: TrainConfig, log=print) -> dict:
     # Model and optimizer.
     model = AlignerNet(ModelConfig(transform=config.transform, size=config.size)).to(device)
     if config.init:
-        source, _ = load_model(config.init)
+        from .align import resolve_model  # a shipped model's name or a path
+
+        source, _ = load_model(resolve_model(config.init))
         own = model.state_dict()
         shared = {}
         for name, value in source.state_dict().items():
