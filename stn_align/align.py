@@ -249,8 +249,15 @@ class Aligner:
         if not len(inputs):
             return np.zeros((0, 3, 3))
         s = self.size
+        views: dict[int, np.ndarray] = {}  # one reference shared by many pairs is resized once
+
+        def view(image: np.ndarray) -> np.ndarray:
+            if id(image) not in views:
+                views[id(image)] = network_view(image, s)
+            return views[id(image)]
+
         a = torch.from_numpy(np.stack([network_view(x, s) for x in inputs])).permute(0, 3, 1, 2).to(self.device)
-        b = torch.from_numpy(np.stack([network_view(x, s) for x in references])).permute(0, 3, 1, 2).to(self.device)
+        b = torch.from_numpy(np.stack([view(x) for x in references])).permute(0, 3, 1, 2).to(self.device)
         normalized = self.model(a, b, self.iterations)[-1]
         working = normalized_to_pixel(normalized.double(), s).cpu().numpy()
         return np.stack([
@@ -259,11 +266,13 @@ class Aligner:
         ])
 
     def finish(self, image_in: np.ndarray, image_ref: np.ndarray, matrix: np.ndarray, warp: bool = True,
-               mask=None) -> AlignResult:
+               mask=None, ref_gray: np.ndarray | None = None) -> AlignResult:
         """Refinement, score and full-resolution warp for one pair whose network estimate is ``matrix``.
 
-        ``mask`` overrides :attr:`mask` for this pair (same forms)."""
-        gray_in, gray_ref = to_gray(image_in), to_gray(image_ref)
+        ``mask`` overrides :attr:`mask` for this pair (same forms). ``ref_gray`` is
+        ``refine.to_gray(image_ref)`` when the caller already has it (one reference, many inputs)."""
+        gray_in = to_gray(image_in)
+        gray_ref = to_gray(image_ref) if ref_gray is None else ref_gray
         region = resolve_mask(self.mask if mask is None else mask, image_ref)
         refined = False
         if self.refine == "ecc":

@@ -359,9 +359,18 @@ def align_directory(
             else:
                 todo.append(pair)
 
+        shared = {}
+        if shared_ref is not None:  # one reference for every pair: its gray image and mask once
+            from .refine import resolve_mask, to_gray
+
+            shared["ref_gray"] = to_gray(shared_ref)
+            region = resolve_mask(getattr(aligner, "mask", None), shared_ref)
+            if region is not None:
+                shared["mask"] = region
+
         def finish(pair: Pair, image, reference, matrix) -> dict:
             try:
-                result = aligner.finish(image, reference, matrix, warp=True)
+                result = aligner.finish(image, reference, matrix, warp=True, **shared)
                 write_image(pair.output, writable(result.image))
                 return {**base(pair), **result.to_record(), "status": "ok"}
             except Exception as err:  # noqa: BLE001
