@@ -26,6 +26,18 @@ def corner_error(m, expected=SHIFT, size=(160, 120)) -> float:
     return float(np.linalg.norm(a - b, axis=2).max())
 
 
+def base_image(seed=0, size=(160, 120)) -> np.ndarray:
+    """A textured RGB uint8 image: a product photo when the shared data is there, else smooth noise."""
+    w, h = size
+    photos = sorted(PHOTOS.glob("*.jpg"))[:8] if PHOTOS.is_dir() else []
+    if photos:
+        img = cv2.cvtColor(cv2.imread(str(photos[seed % len(photos)])), cv2.COLOR_BGR2RGB)
+        return np.ascontiguousarray(cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA))
+    rng = np.random.default_rng(seed)
+    noise = cv2.GaussianBlur(rng.random((h, w, 3), np.float32), (0, 0), 3)
+    return ((noise - noise.min()) / (noise.max() - noise.min()) * 255).astype(np.uint8)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """Tests use tiny networks: one thread is as fast and immune to a busy machine."""

@@ -26,22 +26,13 @@ from stn_align.cli import app
 from stn_align.io import ImageError, read_image, write_image
 from stn_align.model import AlignerNet, ModelConfig
 
-from conftest import PHOTOS, SHIFT, corner_error
+from conftest import SHIFT, base_image, corner_error
 
 
 
 
 
 
-def base_image(seed=0, size=(128, 96)) -> np.ndarray:
-    w, h = size
-    photos = sorted(PHOTOS.glob("*.jpg"))[:8] if PHOTOS.is_dir() else []
-    if photos:
-        img = cv2.cvtColor(cv2.imread(str(photos[seed % len(photos)])), cv2.COLOR_BGR2RGB)
-        return np.ascontiguousarray(cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA))
-    rng = np.random.default_rng(seed)
-    noise = cv2.GaussianBlur(rng.random((h, w, 3), np.float32), (0, 0), 3)
-    return ((noise - noise.min()) / (noise.max() - noise.min()) * 255).astype(np.uint8)
 
 
 def shifted(image: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from stn_align.cli import app
 from stn_align.io import read_image, write_image
 from stn_align.model import AlignerNet, ModelConfig
 
-from conftest import PHOTOS, SHIFT, TINY, corner_error
+from conftest import SHIFT, TINY, base_image, corner_error
 
 
 
@@ -43,17 +43,6 @@ def models_dir(tmp_path, monkeypatch, model_file) -> Path:
     return folder
 
 
-def base_image(size=(160, 120), seed=0) -> np.ndarray:
-    """A textured RGB uint8 image: a product photo when the shared data is there, else smooth noise."""
-    w, h = size
-    photos = sorted(PHOTOS.glob("*.jpg"))[:8] if PHOTOS.is_dir() else []
-    if photos:
-        img = cv2.cvtColor(cv2.imread(str(photos[seed % len(photos)])), cv2.COLOR_BGR2RGB)
-        return np.ascontiguousarray(cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA))
-    rng = np.random.default_rng(seed)
-    noise = cv2.GaussianBlur(rng.random((h, w, 3), np.float32), (0, 0), 3)
-    noise = (noise - noise.min()) / (noise.max() - noise.min())
-    return (noise * 255).astype(np.uint8)
 
 
 def make_pair(folder: Path, name_in="in.png", name_ref="ref.png", matrix=SHIFT, seed=0, image=None):
