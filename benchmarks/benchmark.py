@@ -11,10 +11,14 @@ training never sees):
 * ``c``: whole product photos at 448 px, projective, perspective corner jitter +-12 %, white fill;
 * ``d``: 512x384 crops of natural photos at least 700 px wide, +-20 %, projective;
 
-all with photometric jitter on both sides. Methods: every model with ``refine=none`` and ``refine=ecc``,
-identity, ORB + RANSAC, SIFT + MAGSAC++, ECC from identity (baselines use the setting's motion model).
+all with photometric jitter on both sides. Methods: every model with ``refine=none`` and ``refine=ecc``
+(no safety net: the network's and ECC's own figures), the CLI default ``refine=ecc`` + ``fallback=features``
+(``+ecc+fallback``; for the models in ``--fallback-models``, default the first), identity, ORB + RANSAC,
+SIFT + MAGSAC++, ECC from identity (baselines use the setting's motion model).
 Metrics and rules: :mod:`stn_align.evaluate`. Writes the Markdown report to ``--out`` and the raw
-numbers to the same path with ``.json``, and prints the tables.
+numbers to the same path with ``.json``, and prints the tables. The report starts with the network alone,
+the CLI default and SIFT + MAGSAC side by side, and says how often the CLI default's safety net fired,
+how often a fallback path won, and what it cost per pair.
 
 ``--models`` takes shipped model names or checkpoint paths (``label=path`` to name one).
 """
@@ -34,8 +38,8 @@ import torch
 
 from stn_align.align import Aligner
 from stn_align.data import WarpRanges, is_held_out, load_photo
-from stn_align.evaluate import (BaselineMethod, Synthetic, model_methods, markdown_table, rich_table, roc_auc, run,
-                                summarize_all, synthetic_pairs, threshold_table)
+from stn_align.evaluate import (BaselineMethod, Synthetic, method_label, model_methods, markdown_table, rich_table,
+                                roc_auc, run, summarize_all, synthetic_pairs, threshold_table)
 from stn_align.io import list_images
 
 DATA = Path("/work/shared/data/photos")
@@ -91,6 +95,9 @@ def main(argv=None) -> int:
     parser.add_argument("--baselines", default=",".join(BASELINES))
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--mask", default=None, help="mask option for the models (none/auto)")
+    parser.add_argument("--fallback-models", default=None,
+                        help="comma-separated model labels that also run as the CLI default (ecc + fallback features); "
+                             "default: the first model ('' for none)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
@@ -103,11 +110,20 @@ def main(argv=None) -> int:
         aligner = Aligner.load(path, device=args.device)
         aligners.append((label, aligner))
     baselines = [b for b in args.baselines.split(",") if b]
+    labels = [label for label, _ in aligners]
+    fallback_models = labels[:1] if args.fallback_models is None else [m for m in args.fallback_models.split(",") if m]
+    unknown = [m for m in fallback_models if m not in labels]
+    if unknown:
+        parser.error(f"--fallback-models: {unknown[0]!r} is not one of the --models labels ({', '.join(labels)})")
 
     results, summaries = {}, {}
     for key, setting_pairs in pairs.items():
         transform = SETTINGS[key][2].transform
-        methods = [m for label, a in aligners for m in model_methods(a, ("none", "ecc"), args.mask, label)]
+        methods = []
+        for label, a in aligners:
+            methods += model_methods(a, ("none", "ecc"), args.mask, label)
+            if label in fallback_models:  # the CLI default; shares the network estimate through its own cache
+                methods += model_methods(a, ("ecc",), args.mask, label, fallbacks=("features",))
         methods += [BaselineMethod(b, transform) for b in baselines]
         t0 = time.perf_counter()
         results[key] = run(setting_pairs, methods)
@@ -118,8 +134,9 @@ def main(argv=None) -> int:
     confidence = {}
     if aligners:
         first = aligners[0][0]
-        for refine in ("none", "ecc"):
-            name = f"{first}+{refine}"
+        variants = [("none", "none"), ("ecc", "none")] + ([("ecc", "features")] if first in fallback_models else [])
+        for refine, fallback in variants:
+            name = method_label(first, refine, fallback)
             rows = {key: results[key][name] for key in results}
             every = [r for rs in rows.values() for r in rs]
             scores, errors = np.array([r.score for r in every]), np.array([r.error for r in every])
@@ -133,14 +150,20 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - started
     info = {"pairs_per_setting": args.pairs, "seed": args.seed, "threads": args.threads, "device": args.device,
             "models": dict(parse_models(args.models)), "cpu": platform.processor() or platform.machine(),
-            "seconds_total": round(elapsed, 1), "settings": {k: SETTINGS[k][0] for k in pairs}}
+            "seconds_total": round(elapsed, 1), "settings": {k: SETTINGS[k][0] for k in pairs},
+            "fallback_models": fallback_models}
+    comparison = side_by_side(summaries, labels[0] if labels else None, fallback_models)
+    safety = {label: {key: safety_net_effect(results[key], label) for key in results} for label in fallback_models}
 
-    report = render(summaries, confidence, info)
+    report = render(summaries, confidence, info, comparison, safety)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
-    raw = {"info": info, "summary": summaries, "confidence": confidence,
+    raw = {"info": info, "summary": summaries, "confidence": confidence, "side_by_side": comparison,
+           "safety_net": safety,
            "pairs": {k: {m: [{"name": r.name, "error": r.error, "failed": r.failed, "seconds": r.seconds, "score": r.score,
-                              "refined": r.refined} for r in rs] for m, rs in v.items()} for k, v in results.items()}}
+                              "refined": r.refined, **({} if r.method is None else {"method": r.method}),
+                              **({} if r.fired is None else {"fired": r.fired})} for r in rs]
+                         for m, rs in v.items()} for k, v in results.items()}}
     args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
 
     from rich.console import Console
@@ -148,6 +171,7 @@ def main(argv=None) -> int:
     console = Console()
     for key, summary in summaries.items():
         console.print(rich_table(summary, f"({key}) {SETTINGS[key][0]}"))
+    print("\n".join(render_side_by_side(comparison, info, summaries) + render_safety(safety)), flush=True)
     for name, c in confidence.items():
         console.print(f"score ROC AUC ({name}, <3 px vs >10 px): " + ", ".join(
             f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in c["auc"].items()))
@@ -162,16 +186,82 @@ def youden(scores: np.ndarray, errors: np.ndarray) -> float | None:
     return max(rows, key=lambda r: r["bad_flagged"] - r["good_flagged"])["min_score"] if rows else None
 
 
-def render(summaries: dict, confidence: dict, info: dict) -> str:
+def side_by_side(summaries: dict, first: str | None, fallback_models: list[str]) -> list[tuple[str, str]]:
+    """``[(row title, method name)]`` of the headline comparison: the network alone, the CLI default, SIFT + MAGSAC."""
+    rows = []
+    if first is not None:
+        rows.append((f"{first}, network only (refine none, fallback none)", method_label(first, "none")))
+        if first in fallback_models:
+            rows.append((f"{first} + ECC + fallback features (CLI default)", method_label(first, "ecc", "features")))
+        rows.append((f"{first} + ECC, no fallback", method_label(first, "ecc")))
+    rows.append(("SIFT + MAGSAC", "sift"))
+    return [(title, name) for title, name in rows if any(name in s for s in summaries.values())]
+
+
+def safety_net_effect(results: dict, label: str) -> dict:
+    """The CLI default's safety net in one setting: :func:`evaluate.safety_net_summary` plus, for the pairs
+    where a fallback path won, how many ended >= 1 px better or worse than network + ECC without it."""
+    with_net, without = results[method_label(label, "ecc", "features")], results[method_label(label, "ecc")]
+    from stn_align.evaluate import safety_net_summary
+
+    out = safety_net_summary(with_net)
+    won = [(a.error, b.error) for a, b in zip(with_net, without) if not str(a.method).startswith("network")]
+    out.update(pairs=len(with_net), won=len(won), won_better=sum(a <= b - 1 for a, b in won),
+               won_worse=sum(a >= b + 1 for a, b in won),
+               seconds_per_pair=float(np.mean([r.seconds for r in with_net])),
+               seconds_per_pair_without=float(np.mean([r.seconds for r in without])))
+    return out
+
+
+def _cell(summary: dict) -> str:
+    return (f"{summary['mean_px']:.2f}, {summary['median_px']:.2f}; {summary['under_1px']:.0%} / "
+            f"{summary['under_3px']:.0%}; {summary['seconds_per_pair']:.3f} s")
+
+
+def render_side_by_side(comparison: list[tuple[str, str]], info: dict, summaries: dict) -> list[str]:
+    keys = list(info["settings"])
+    lines = ["## Side by side", "",
+             "Each cell: mean, median corner error (px); fraction under 1 px / under 3 px; seconds per pair.", "",
+             "| method | " + " | ".join(f"({k})" for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for title, name in comparison:
+        cells = [_cell(summaries[k][name]) if name in summaries[k] else "-" for k in keys]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def render_safety(safety: dict) -> list[str]:
+    lines = []
+    for label, per_setting in safety.items():
+        lines += [f"## Safety net ({method_label(label, 'ecc', 'features')}, the CLI default)", "",
+                  "It fires when network + ECC scores below min_score (0.75): the network started from the input "
+                  "turned by 90/180/270 deg and SIFT + MAGSAC, each polished by ECC, likeliest first until one reaches "
+                  "min_score; the highest score wins. "
+                  "`better`/`worse`: pairs where a fallback path won and the error is >= 1 px lower/higher than "
+                  "network + ECC without the net. Seconds per pair of this row, on the pairs where the net fired "
+                  "and where it did not; `without`: the `+ecc` row.", "",
+                  "| setting | fired | fallback won | better | worse | s/pair not fired | s/pair fired | s/pair | s/pair without | winners |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for key, s in per_setting.items():
+            sec = ["-" if s[k] is None else f"{s[k]:.3f}" for k in ("seconds_not_fired", "seconds_fired")]
+            winners = ", ".join(f"{m} {n}" for m, n in s["methods"].items())
+            lines.append(f"| ({key}) | {s['fired']:.0%} | {s['fallback_won']:.0%} | {s['won_better']} | {s['won_worse']} | "
+                         f"{sec[0]} | {sec[1]} | {s['seconds_per_pair']:.3f} | {s['seconds_per_pair_without']:.3f} | {winners} |")
+        lines.append("")
+    return lines
+
+
+def render(summaries: dict, confidence: dict, info: dict, comparison: list | None = None, safety: dict | None = None) -> str:
     lines = ["# stn-align benchmark", "",
              f"{info['pairs_per_setting']} synthetic pairs per setting from held-out photos (seed {info['seed']}), "
              f"device {info['device']}, {info['threads']} thread(s) for torch and OpenCV ({info['cpu']}); "
              f"models: {', '.join(f'{k} = {v}' for k, v in info['models'].items())}; total run {info['seconds_total']:.0f} s.", "",
              "Corner error in reference pixels (mean over the 4 input corners). A failure (no matrix) counts as a miss "
              "and, in mean/median, with the identity's error; errors are capped at the input diagonal. "
-             "`+none` = network only, `+ecc` = network + ECC refinement. Baselines estimate the setting's motion "
+             "`+none` = network only, `+ecc` = network + ECC refinement (both without the safety net), "
+             "`+ecc+fallback` = the CLI default (ECC and `fallback=features`). Baselines estimate the setting's motion "
              "model (homography, or affine in (b)). Seconds per pair: the method's own work on CPU (model: resize, "
-             "network, refinement, score; no final warp).", ""]
+             "network, refinement, safety net, score; no final warp).", ""]
+    lines += render_side_by_side(comparison or [], info, summaries) + render_safety(safety or {})
     for key, summary in summaries.items():
         lines += [f"## ({key}) {info['settings'][key]}", "", markdown_table(summary), ""]
     for name, c in confidence.items():

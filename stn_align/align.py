@@ -13,12 +13,13 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Sequence, Union
+from typing import NamedTuple, Sequence, Union
 
 import cv2
 import numpy as np
 import torch
 
+from . import baselines
 from .checkpoint import CheckpointError, load_model, read_metadata
 from .geometry import normalized_to_pixel, working_to_pixel
 from .model import AlignerNet, resolve_device
@@ -28,11 +29,24 @@ ImageLike = Union[str, Path, np.ndarray, "PIL.Image.Image"]  # noqa: F821
 
 FILLS = ("white", "black", "edge", "transparent")
 REFINES = ("none", "ecc")
+FALLBACKS = ("features", "rotations", "none")
+#: Quarter turns of the input (``np.rot90``'s k: 90, 180, 270 degrees) the safety net starts the network from.
+TURNS = (1, 2, 3)
+#: Which path produced a result (:attr:`AlignResult.method`); ``+ecc``: the ECC polish was kept.
+METHODS = ("network", "network+ecc", "rotated", "rotated+ecc", "features", "features+ecc")
 
 
 @dataclass
 class AlignResult:
-    """One alignment. ``matrix`` ``(3, 3)`` float64 maps input pixels to reference pixels."""
+    """One alignment. ``matrix`` ``(3, 3)`` float64 maps input pixels to reference pixels.
+
+    ``method`` says which hypothesis won (one of :data:`METHODS`): ``network`` (the network's estimate),
+    ``rotated`` (the network started from the input turned by 90, 180 or 270 degrees) or ``features``
+    (SIFT + MAGSAC), with ``+ecc`` when the ECC polish was kept (then ``refined`` is True).
+    ``hypotheses`` holds the score of every hypothesis tried (``network``, ``rotated90``, ``rotated180``,
+    ``rotated270``, ``features``), after its polish, in the order tried (the safety net stops at the first
+    that reaches ``min_score``); more than one entry means the safety net fired.
+    """
 
     matrix: np.ndarray
     score: float
@@ -42,11 +56,32 @@ class AlignResult:
     refined: bool = False
     input_size: tuple[int, int] = (0, 0)  # (w, h)
     ref_size: tuple[int, int] = (0, 0)
+    method: str = "network"
+    hypotheses: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def fallback_fired(self) -> bool:
+        """True if the score of the network's result was below ``min_score`` and the safety net tried more."""
+        return len(self.hypotheses) > 1
 
     def to_record(self) -> dict:
         """JSON-ready summary (no pixels)."""
         return {"matrix": [[float(v) for v in row] for row in self.matrix], "transform": self.transform,
-                "score": round(float(self.score), 4), "suspect": bool(self.suspect), "refined": bool(self.refined)}
+                "score": round(float(self.score), 4), "suspect": bool(self.suspect), "refined": bool(self.refined),
+                "method": self.method}
+
+
+class _Candidate(NamedTuple):
+    matrix: np.ndarray
+    score: float
+    refined: bool
+    method: str
+
+
+def quarter_turn(k: int, size: int) -> np.ndarray:
+    """``(3, 3)`` matrix mapping pixels of a ``size x size`` image to those of ``np.rot90(image, k)``."""
+    turn = np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, size - 1.0], [0.0, 0.0, 1.0]])
+    return np.linalg.matrix_power(turn, k % 4)
 
 
 # --- shipped models -----------------------------------------------------------------------------------
@@ -198,7 +233,12 @@ class Aligner:
         iterations: refinement rounds of the network (warp, re-predict, compose).
         refine: ``"ecc"`` polishes the network's estimate with OpenCV's ECC (kept only if it helps), or ``"none"``.
         fill: border of the aligned image: ``white``, ``black``, ``edge``, ``transparent`` or ``(R, G, B)``.
-        min_score: results scoring below this are flagged ``suspect``.
+        min_score: results scoring below this are flagged ``suspect``; below it the safety net fires.
+        fallback: the safety net, tried when the network's result scores below ``min_score``: ``"features"``
+            (the network started from the input turned by 90, 180 and 270 degrees, and SIFT + MAGSAC),
+            ``"rotations"`` (the turned starts only) or ``"none"``. Each hypothesis gets the same ``refine``
+            polish, likeliest first, until one reaches ``min_score``; the highest score wins (the network's
+            result on ties) and sets ``suspect``. See :meth:`finish`.
         mask: region of the reference that refinement and the score look at: None (everything), ``"auto"``
             (the product on a plain background, or the alpha channel; see :func:`refine.foreground_mask`),
             a mask file path or an ``(H_ref, W_ref)`` array (non-zero = use).
@@ -206,13 +246,15 @@ class Aligner:
 
     model: AlignerNet
     device: torch.device
-    iterations: int = 3
+    iterations: int | None = None  # None: the model's own default (its config.iterations)
     refine: str = "ecc"
     fill: str | tuple = "white"
     min_score: float = 0.75  # benchmark: flags all >10 px results, no <3 px ones (see benchmarks/results.md)
+    fallback: str = "features"
     mask: str | np.ndarray | None = None  # None, "auto" (foreground of the reference), a file path or an (H_ref, W_ref) array
     metadata: dict = field(default_factory=dict)
     name: str = "custom"
+    working_size: int | None = None  # iterative models: run the update stage at this size (multiple of 32)
 
     @classmethod
     def load(cls, model: str | Path = "default", device: str = "auto", **options) -> "Aligner":
@@ -228,8 +270,14 @@ class Aligner:
     def _check(self) -> None:
         if self.refine not in REFINES:
             raise ValueError(f"unknown refine {self.refine!r}; use one of {REFINES}")
-        if self.iterations < 1:
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"unknown fallback {self.fallback!r}; use one of {FALLBACKS}")
+        if self.iterations is not None and self.iterations < 1:
             raise ValueError("iterations must be at least 1")
+        if self.working_size is not None and self.working_size != self.model.config.size and (
+                self.working_size % 32 or self.working_size < 64 or self.model.config.architecture != "iterative"):
+            raise ValueError(f"working size {self.working_size}: must be a multiple of 32 (at least 64), and other than "
+                             f"{self.model.config.size} only for iterative models")
         if isinstance(self.fill, str) and self.fill not in FILLS:
             self.fill = parse_fill(self.fill)
 
@@ -239,7 +287,8 @@ class Aligner:
 
     @property
     def size(self) -> int:
-        return self.model.config.size
+        """The network's working size: :attr:`working_size`, else the size the model was trained at."""
+        return self.working_size or self.model.config.size
 
     @torch.inference_mode()
     def estimate(self, inputs: Sequence[np.ndarray], references: Sequence[np.ndarray]) -> np.ndarray:
@@ -265,24 +314,71 @@ class Aligner:
             for m, x, r in zip(working, inputs, references)
         ])
 
+    @torch.inference_mode()
+    def estimate_turned(self, image_in: np.ndarray, image_ref: np.ndarray, turns: Sequence[int] = TURNS) -> np.ndarray:
+        """The network's matrices for one pair started from turned inputs, ``(len(turns), 3, 3)`` float64.
+
+        Hypothesis ``k``: the network sees its working view of the input turned by ``np.rot90(view, k)``
+        (k x 90 degrees, exact on the square working frame); the turn is composed back into the matrix,
+        so every result maps the original input's pixels to the reference's. An affine model's results stay affine.
+        """
+        s = self.size
+        view_in, view_ref = network_view(image_in, s), network_view(image_ref, s)
+        a = np.stack([np.ascontiguousarray(np.rot90(view_in, k)) for k in turns])
+        b = np.repeat(view_ref[None], len(turns), axis=0)
+        a = torch.from_numpy(a).permute(0, 3, 1, 2).to(self.device)
+        b = torch.from_numpy(b).permute(0, 3, 1, 2).to(self.device)
+        working = normalized_to_pixel(self.model(a, b, self.iterations)[-1].double(), s).cpu().numpy()
+        in_size, ref_size = (image_in.shape[1], image_in.shape[0]), (image_ref.shape[1], image_ref.shape[0])
+        return np.stack([working_to_pixel(m @ quarter_turn(k, s), in_size, ref_size, s) for m, k in zip(working, turns)])
+
     def finish(self, image_in: np.ndarray, image_ref: np.ndarray, matrix: np.ndarray, warp: bool = True,
                mask=None, ref_gray: np.ndarray | None = None) -> AlignResult:
-        """Refinement, score and full-resolution warp for one pair whose network estimate is ``matrix``.
+        """Refinement, score, safety net and full-resolution warp for one pair whose network estimate is ``matrix``.
 
-        ``mask`` overrides :attr:`mask` for this pair (same forms). ``ref_gray`` is
-        ``refine.to_gray(image_ref)`` when the caller already has it (one reference, many inputs)."""
+        The estimate is polished (``refine``) and scored. If the score is below :attr:`min_score` and
+        :attr:`fallback` is not ``none``, the safety net fires: the turned network starts
+        (:meth:`estimate_turned`) and, with ``features``, SIFT + MAGSAC (:func:`baselines.sift`, at most
+        1024 px) are polished and scored the same way, likeliest first (by their unpolished score), until
+        one reaches :attr:`min_score` (with ``refine="none"`` all are scored); the highest score wins
+        (the network's on ties). ``mask`` overrides
+        :attr:`mask` for this pair (same forms).
+        ``ref_gray`` is ``refine.to_gray(image_ref)`` when the caller already has it (one reference, many inputs)."""
         gray_in = to_gray(image_in)
         gray_ref = to_gray(image_ref) if ref_gray is None else ref_gray
         region = resolve_mask(self.mask if mask is None else mask, image_ref)
+        best = self._polish("network", matrix, gray_in, gray_ref, region)
+        hypotheses = {"network": best.score}
+        if best.score < self.min_score and self.fallback != "none":
+            starts = [(f"rotated{90 * k}", "rotated", m) for k, m in zip(TURNS, self.estimate_turned(image_in, image_ref))]
+            if self.fallback == "features":
+                found = baselines.sift(gray_in, gray_ref, self.transform, max_side=1024)
+                starts += [] if found is None else [("features", "features", found)]
+            polishing = self.refine != "none"
+            if polishing:  # polish the likeliest first: order by the unpolished score
+                rough = [alignment_score(gray_in, gray_ref, m, mask=region) for _, _, m in starts]
+                starts = [starts[i] for i in np.argsort(rough, kind="stable")[::-1]]
+            for name, kind, start in starts:
+                candidate = self._polish(kind, start, gray_in, gray_ref, region)
+                hypotheses[name] = candidate.score
+                if candidate.score > best.score:
+                    best = candidate
+                if polishing and best.score >= self.min_score:  # good enough: more polishing would only cost time
+                    break
+        ref_size = (image_ref.shape[1], image_ref.shape[0])
+        aligned = warp_image(image_in, best.matrix, ref_size, self.fill, self.device) if warp else None
+        return AlignResult(matrix=best.matrix, score=best.score, transform=self.transform, image=aligned,
+                           suspect=best.score < self.min_score, refined=best.refined,
+                           input_size=(image_in.shape[1], image_in.shape[0]), ref_size=ref_size,
+                           method=best.method, hypotheses=hypotheses)
+
+    def _polish(self, kind: str, matrix: np.ndarray, gray_in, gray_ref, region) -> _Candidate:
+        """One hypothesis through ``refine`` and the score; ``kind`` is ``network``, ``rotated`` or ``features``."""
         refined = False
         if self.refine == "ecc":
             matrix, refined = refine_ecc(gray_in, gray_ref, matrix, self.transform, mask=region)
         score = alignment_score(gray_in, gray_ref, matrix, mask=region)
-        ref_size = (image_ref.shape[1], image_ref.shape[0])
-        aligned = warp_image(image_in, matrix, ref_size, self.fill, self.device) if warp else None
-        return AlignResult(matrix=matrix, score=score, transform=self.transform, image=aligned,
-                           suspect=score < self.min_score, refined=refined,
-                           input_size=(image_in.shape[1], image_in.shape[0]), ref_size=ref_size)
+        return _Candidate(matrix, score, refined, f"{kind}+ecc" if refined else kind)
 
     def align(self, input: ImageLike, reference: ImageLike, warp: bool = True, mask=None) -> AlignResult:
         """Align one ``input`` to ``reference``; returns matrix, score and (if ``warp``) the aligned image."""

@@ -20,6 +20,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from .geometry import resize_matrix
 from .refine import ecc_align, to_gray
 
 Baseline = Callable[[np.ndarray, np.ndarray, str], "np.ndarray | None"]
@@ -77,11 +78,21 @@ def orb(image_in: np.ndarray, image_ref: np.ndarray, transform: str = "projectiv
     return _fit(src, dst, transform, cv2.RANSAC, 3.0)
 
 
-def sift(image_in: np.ndarray, image_ref: np.ndarray, transform: str = "projective", ratio: float = 0.75) -> np.ndarray | None:
-    """SIFT + Lowe's ratio test (``ratio``) + MAGSAC++ (``cv2.USAC_MAGSAC``, 2 px)."""
+def sift(image_in: np.ndarray, image_ref: np.ndarray, transform: str = "projective", ratio: float = 0.75,
+         max_side: int | None = None) -> np.ndarray | None:
+    """SIFT + Lowe's ratio test (``ratio``) + MAGSAC++ (``cv2.USAC_MAGSAC``, 2 px).
+
+    ``max_side``: detect on copies shrunk to at most this many pixels (longer side; the matrix is mapped
+    back to full resolution), which bounds the time on large photos; None: full resolution.
+    """
+    gray_in, gray_ref = _gray8(image_in), _gray8(image_ref)
+    in_to, ref_to = np.eye(3), np.eye(3)
+    if max_side is not None:
+        gray_in, in_to = _shrink8(gray_in, max_side)
+        gray_ref, ref_to = _shrink8(gray_ref, max_side)
     detector = cv2.SIFT_create()
-    k1, d1 = detector.detectAndCompute(_gray8(image_in), None)
-    k2, d2 = detector.detectAndCompute(_gray8(image_ref), None)
+    k1, d1 = detector.detectAndCompute(gray_in, None)
+    k2, d2 = detector.detectAndCompute(gray_ref, None)
     if d1 is None or d2 is None or len(k1) < 4 or len(k2) < 2:
         return None
     pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(d1, d2, k=2)
@@ -90,7 +101,23 @@ def sift(image_in: np.ndarray, image_ref: np.ndarray, transform: str = "projecti
         return None
     src = np.float32([k1[m.queryIdx].pt for m in good])
     dst = np.float32([k2[m.trainIdx].pt for m in good])
-    return _fit(src, dst, transform, cv2.USAC_MAGSAC, 2.0)
+    matrix = _fit(src, dst, transform, cv2.USAC_MAGSAC, 2.0)
+    if matrix is None or max_side is None:
+        return matrix
+    matrix = np.linalg.inv(ref_to) @ matrix @ in_to
+    if transform == "affine":
+        matrix[2] = (0.0, 0.0, 1.0)  # exactly affine despite round-off
+    return _valid(matrix)
+
+
+def _shrink8(gray: np.ndarray, max_side: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(H, W)`` uint8 shrunk so its longer side is at most ``max_side``; returns ``(image, (3, 3) full -> small)``."""
+    h, w = gray.shape
+    scale = max_side / max(h, w)
+    if scale >= 1:
+        return gray, np.eye(3)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(gray, size, interpolation=cv2.INTER_AREA), resize_matrix((w, h), size)
 
 
 def ecc(image_in: np.ndarray, image_ref: np.ndarray, transform: str = "projective") -> np.ndarray | None:

@@ -16,7 +16,8 @@ to ``INPUT_DIR`` (or to ``REF_DIR``) is refused. No output may ever be an input 
 Manifest ``OUT_DIR/alignments.jsonl``: one JSON object per input, fields ``input``, ``reference``,
 ``output`` (relative to INPUT_DIR, REF_DIR, OUT_DIR; a single ``--ref`` is recorded as given),
 ``matrix`` (3x3, input pixels -> reference pixels), ``transform``, ``score``, ``suspect``,
-``refined``, ``model``, ``status`` (``ok`` / ``failed``) and ``error`` (failed only). During a run each
+``refined``, ``method`` (the winning path: ``network``, ``rotated`` or ``features``, ``+ecc`` when polished;
+see :class:`stn_align.align.AlignResult`), ``model``, ``status`` (``ok`` / ``failed``) and ``error`` (failed only). During a run each
 record is appended and flushed as soon as its pair is done, so a killed run keeps its work; at the end
 (and at the start, and after an interruption) the file is rewritten atomically with one record per
 input, the last one winning, sorted by input path. A sub-folder of INPUT_DIR that cannot be listed gets
@@ -27,14 +28,25 @@ Resume: an input is skipped (counted ``skipped``; its ``ok`` record is kept as i
 record is ``ok``, its output file exists, and it was made against the same reference with the same
 model. Anything else - failed pairs, deleted outputs, another reference or model - is redone;
 ``overwrite=True`` redoes everything.
+
+One writer per output folder: a run holds ``OUT_DIR/.stn-align.lock`` (its pid and host) from start to end
+(:class:`OutputLock`); a second run on the same OUT_DIR is refused while the first is alive, and the lock of a
+run that was killed is taken over. Engines share the planning, the lock, the manifest and resume
+(:func:`prepare`, :func:`open_run`) and the work on a pair (:func:`decode_pair`, :func:`finish_pair`,
+:func:`align_chunk`); :func:`align_directory` is the local engine, :mod:`stn_align.ray_engine` runs the same
+job on a Ray cluster.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,7 +255,111 @@ def write_manifest(path: Path | str, records: dict[str, dict]) -> None:
             tmp.unlink()
 
 
-# --- the run ----------------------------------------------------------------------------------------------
+# --- one writer per output folder -------------------------------------------------------------------------
+
+LOCK_NAME = ".stn-align.lock"
+_held_locks: set[Path] = set()  # lock files this process holds (resolved paths)
+_held_guard = threading.Lock()
+
+
+def _pid_alive(pid: int) -> bool:
+    """True if a process ``pid`` exists on this machine (one of another user, or a zombie, counts)."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":  # os.kill(pid, 0) would end the process there: never take a lock over
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _folder_guard(folder: Path) -> Iterator[None]:
+    """Serialise lock checks on ``folder`` between processes: ``flock`` on the folder (POSIX; elsewhere, or
+    on a file system without it, no guard, and only the check-then-replace window is unprotected)."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+class OutputLock:
+    """One writer per output folder: ``OUT_DIR/.stn-align.lock`` holds the pid and host of the run writing there.
+
+    :meth:`acquire` raises :class:`BatchError` (one line naming the lock file and the pid) while that run is
+    alive, and takes over the lock of a run that was killed (its pid no longer exists on this host). A lock
+    written on another host is never taken over (its pid cannot be checked from here). :meth:`release`
+    removes the file if it is still ours. ``with OutputLock(out_dir):`` does both.
+    """
+
+    def __init__(self, folder: Path | str):
+        self.path = Path(folder) / LOCK_NAME
+        self.held = False
+
+    def holder(self) -> Optional[tuple[int, str]]:
+        """``(pid, host)`` written in the lock file, or None when there is none (or it is unreadable)."""
+        try:
+            fields = self.path.read_text(encoding="utf-8", errors="replace").split()
+            return int(fields[0]), (fields[1] if len(fields) > 1 else "")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _alive(self, pid: int, host: str) -> bool:
+        if host and host != socket.gethostname():
+            return True
+        if pid == os.getpid():  # this process: held unless it is a killed run's lock with a recycled pid
+            with _held_guard:
+                return self.path.resolve() in _held_locks
+        return _pid_alive(pid)
+
+    def acquire(self) -> "OutputLock":
+        with _folder_guard(self.path.parent):
+            holder = self.holder()
+            if holder is not None and self._alive(*holder):
+                pid, host = holder
+                where = f" on {host}" if host and host != socket.gethostname() else ""
+                raise BatchError(f"{self.path}: {self.path.parent} is being written by another stn-align batch run "
+                                 f"(pid {pid}{where}); wait for it to end, or delete the lock file if that run is gone")
+            tmp = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
+            tmp.write_text(f"{os.getpid()}\n{socket.gethostname()}\n", encoding="utf-8")
+            os.replace(tmp, self.path)  # free, or a killed run's: ours now
+        with _held_guard:
+            _held_locks.add(self.path.resolve())
+        self.held = True
+        return self
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        with _held_guard:
+            _held_locks.discard(self.path.resolve())
+        holder = self.holder()
+        if holder is not None and holder[0] == os.getpid():
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# --- records ----------------------------------------------------------------------------------------------
 
 
 def _one_line(err: BaseException, path: Path) -> str:
@@ -258,6 +374,197 @@ def _read(path: Path, max_pixels: Optional[int]):
         return read_image(path, max_pixels=max_pixels), None
     except Exception as err:  # noqa: BLE001 - any bad file becomes a failed record, the run goes on
         return None, _one_line(err, path)
+
+
+def base_record(pair: Pair, out_dir: Path, model_name: str) -> dict:
+    """The manifest fields every record of ``pair`` has (paths relative to their roots, the model)."""
+    return {"input": pair.rel, "reference": pair.ref_label,
+            "output": pair.output.relative_to(out_dir).as_posix(), "model": model_name}
+
+
+def failed_record(pair: Pair, out_dir: Path, model_name: str, transform: str, message: str) -> dict:
+    """The manifest record of a pair that failed with the one-line ``message``."""
+    return {**base_record(pair, out_dir, model_name), "matrix": None, "transform": transform, "score": None,
+            "suspect": False, "refined": False, "method": None, "status": "failed", "error": message}
+
+
+# --- the work on pairs (shared by the engines) --------------------------------------------------------------
+
+
+def decode_pair(pair: Pair, max_pixels: Optional[int], shared_ref: Optional[np.ndarray] = None):
+    """``(image, reference, None)`` or ``(None, None, one-line error)``; ``shared_ref``: the single reference."""
+    image, err = _read(pair.input, max_pixels)
+    if err is not None:
+        return None, None, err
+    if shared_ref is not None:
+        return image, shared_ref, None
+    reference, err = _read(pair.reference, max_pixels)
+    return image, reference, err
+
+
+def shared_reference(aligner, shared_ref: Optional[np.ndarray]) -> dict:
+    """What :meth:`Aligner.finish` can reuse for every pair of a single reference: its gray image and mask."""
+    if shared_ref is None:
+        return {}
+    from .refine import resolve_mask, to_gray
+
+    shared = {"ref_gray": to_gray(shared_ref)}
+    region = resolve_mask(getattr(aligner, "mask", None), shared_ref)
+    if region is not None:
+        shared["mask"] = region
+    return shared
+
+
+def finish_pair(aligner, pair: Pair, image, reference, matrix, shared: dict, out_dir: Path) -> dict:
+    """Refine, score, warp and write one pair from its network estimate; returns its manifest record."""
+    model_name = getattr(aligner, "name", "custom")
+    try:
+        result = aligner.finish(image, reference, matrix, warp=True, **shared)
+        write_image(pair.output, writable(result.image))
+        return {**base_record(pair, out_dir, model_name), **result.to_record(), "status": "ok"}
+    except Exception as err:  # noqa: BLE001
+        return failed_record(pair, out_dir, model_name, aligner.transform, _one_line(err, pair.input))
+
+
+def align_chunk(aligner, chunk: list[Pair], out_dir: Path, pool: ThreadPoolExecutor,
+                max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, shared_ref: Optional[np.ndarray] = None,
+                shared: Optional[dict] = None) -> list[dict]:
+    """One chunk start to end (decode on ``pool``, one network batch, finish and write on ``pool``); one record
+    per pair, in order. What an engine that gets its work in batches (Ray Data) runs on each batch."""
+    model_name = getattr(aligner, "name", "custom")
+    shared = shared_reference(aligner, shared_ref) if shared is None else shared
+    decoded = list(pool.map(lambda p: decode_pair(p, max_pixels, shared_ref), chunk))
+    records: list[Optional[dict]] = [None] * len(chunk)
+    ready = []
+    for i, (pair, (image, reference, err)) in enumerate(zip(chunk, decoded)):
+        if err is not None:
+            records[i] = failed_record(pair, out_dir, model_name, aligner.transform, err)
+        else:
+            ready.append((i, pair, image, reference))
+    if ready:
+        try:
+            matrices = aligner.estimate([r[2] for r in ready], [r[3] for r in ready])
+        except Exception as err:  # noqa: BLE001 - e.g. out of memory: fail this chunk, go on
+            for i, pair, _, _ in ready:
+                records[i] = failed_record(pair, out_dir, model_name, aligner.transform, _one_line(err, pair.input))
+        else:
+            futures = [(i, pool.submit(finish_pair, aligner, pair, image, reference, matrix, shared, out_dir))
+                       for (i, pair, image, reference), matrix in zip(ready, matrices)]
+            for i, future in futures:
+                records[i] = future.result()
+    return records
+
+
+# --- the run ----------------------------------------------------------------------------------------------
+
+
+class BatchRun:
+    """The bookkeeping every engine shares: manifest, resume and summary of one run (see :func:`open_run`).
+
+    ``todo`` holds the pairs left to align; the engine reports each with :meth:`done` (from one thread).
+    """
+
+    def __init__(self, aligner, out_dir: Path, summary: BatchSummary, on_progress=None):
+        self.out_dir, self.summary, self.on_progress = out_dir, summary, on_progress
+        self.model_name = getattr(aligner, "name", "custom")
+        self.transform = aligner.transform
+        self.records = read_manifest(summary.manifest)
+        write_manifest(summary.manifest, self.records)  # compact what a killed run left
+        self.manifest = open(summary.manifest, "a", encoding="utf-8")
+        self.todo: list[Pair] = []
+        self.start = time.perf_counter()
+
+    def base(self, pair: Pair) -> dict:
+        return base_record(pair, self.out_dir, self.model_name)
+
+    def failed(self, pair: Pair, message: str) -> dict:
+        return failed_record(pair, self.out_dir, self.model_name, self.transform, message)
+
+    def sort(self, pairs: list[Pair], overwrite: bool) -> None:
+        """Planning errors fail, already aligned pairs are skipped (resume), the rest go to ``todo``."""
+        for pair in pairs:
+            previous = self.records.get(pair.rel)
+            if pair.error is not None:
+                self.done(pair, self.failed(pair, pair.error))
+            elif (not overwrite and previous and previous.get("status") == "ok" and pair.output.is_file()
+                  and previous.get("reference") == pair.ref_label and previous.get("model") == self.model_name):
+                self.done(pair, {**previous, "status": "skipped"})
+            else:
+                self.todo.append(pair)
+
+    def done(self, pair: Pair, record: dict) -> None:
+        """Count ``record`` (``ok``, ``failed`` or ``skipped``), append it to the manifest, report progress."""
+        summary, status = self.summary, record["status"]
+        if status == "skipped":
+            summary.skipped += 1
+        else:
+            self.manifest.write(json.dumps(record) + "\n")
+            self.manifest.flush()
+            self.records[pair.rel] = record
+            if status == "ok":
+                summary.aligned += 1
+                if record.get("suspect"):
+                    summary.suspect += 1
+                    summary.suspects.append(pair.rel)
+            else:
+                summary.failed += 1
+                summary.failures.append(record["error"])
+        if self.on_progress:
+            self.on_progress(record)
+
+    def close(self) -> None:
+        self.summary.seconds = time.perf_counter() - self.start
+        self.manifest.close()
+        try:
+            write_manifest(self.summary.manifest, self.records)
+        except OSError:
+            pass  # the appended records are still there; the next run compacts them
+
+
+@contextlib.contextmanager
+def open_run(aligner, pairs: list[Pair], out_dir: Path, summary: BatchSummary, overwrite: bool = False,
+             on_progress: Optional[Callable[[dict], None]] = None,
+             on_start: Optional[Callable[[int], None]] = None) -> Iterator[BatchRun]:
+    """Create ``out_dir``, take its :class:`OutputLock`, compact the manifest and sort ``pairs`` (failed at
+    planning, skipped, to do); yields the :class:`BatchRun`. On exit, also on an error or Ctrl-C, the
+    manifest is rewritten (one record per input) and the lock released."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ImageError(out_dir, f"cannot create output directory ({err.strerror or err})") from None
+    summary.manifest = out_dir / MANIFEST_NAME
+    with OutputLock(out_dir):
+        run = BatchRun(aligner, out_dir, summary, on_progress)
+        try:
+            if on_start:
+                on_start(len(pairs))
+            run.start = time.perf_counter()
+            run.sort(pairs, overwrite)
+            yield run
+        except KeyboardInterrupt:
+            summary.interrupted = True
+            raise
+        finally:
+            run.close()
+
+
+def prepare(aligner, input_dir, out_dir, ref=None, ref_dir=None, recursive: bool = True, batch_size: int = 16,
+            workers: Optional[int] = None, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, plan=None, ref_image=None):
+    """The checks and planning every engine does before any work: ``(pairs, excluded, shared_ref, workers)``.
+
+    Raises :class:`BatchError` or :class:`ImageError` (see :func:`align_directory`)."""
+    if batch_size < 1:
+        raise BatchError("--batch-size must be at least 1", usage=True)
+    workers = workers or min(4, os.cpu_count() or 1)
+    if workers < 1:
+        raise BatchError("--workers must be at least 1", usage=True)
+    pairs, excluded = plan if plan is not None else plan_pairs(input_dir, out_dir, ref, ref_dir, recursive)
+    if getattr(aligner, "fill", None) == "transparent":
+        check_alpha_outputs(pairs)
+    shared_ref = ref_image
+    if ref is not None and shared_ref is None:
+        shared_ref = read_image(ref, max_pixels=max_pixels)  # ImageError: fatal, before any work
+    return pairs, excluded, shared_ref, workers
 
 
 def align_directory(
@@ -276,7 +583,7 @@ def align_directory(
     plan: Optional[tuple[list[Pair], bool]] = None,
     ref_image: Optional[np.ndarray] = None,
 ) -> BatchSummary:
-    """Align every image under ``input_dir`` into ``out_dir``; see the module docstring.
+    """Align every image under ``input_dir`` into ``out_dir`` on this machine; see the module docstring.
 
     Args:
         aligner: a loaded :class:`stn_align.align.Aligner`.
@@ -290,152 +597,90 @@ def align_directory(
         ref_image: ``ref`` already decoded, if it was.
 
     Raises :class:`BatchError` or :class:`ImageError` before any work for a bad setup
-    (missing/unreadable ``ref``, ``input_dir``, ``ref_dir``; ``out_dir`` equal to ``input_dir``).
+    (missing/unreadable ``ref``, ``input_dir``, ``ref_dir``; ``out_dir`` equal to ``input_dir``), and
+    :class:`BatchError` when another run holds ``out_dir``'s lock (:class:`OutputLock`).
     """
-    if batch_size < 1:
-        raise BatchError("--batch-size must be at least 1", usage=True)
-    workers = workers or min(4, os.cpu_count() or 1)
-    if workers < 1:
-        raise BatchError("--workers must be at least 1", usage=True)
     input_dir, out_dir = Path(input_dir), Path(out_dir)
-    pairs, excluded = plan if plan is not None else plan_pairs(input_dir, out_dir, ref, ref_dir, recursive)
-    if getattr(aligner, "fill", None) == "transparent":
-        check_alpha_outputs(pairs)
-    shared_ref = ref_image
-    if ref is not None and shared_ref is None:
-        shared_ref = read_image(ref, max_pixels=max_pixels)  # ImageError: fatal, before any work
-
+    pairs, excluded, shared_ref, workers = prepare(aligner, input_dir, out_dir, ref, ref_dir, recursive, batch_size,
+                                                   workers, max_pixels, plan, ref_image)
     summary = BatchSummary(total=len(pairs), excluded_out_dir=excluded)
-    summary.manifest = out_dir / MANIFEST_NAME
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ImageError(out_dir, f"cannot create output directory ({err.strerror or err})") from None
-    records = read_manifest(summary.manifest)
-    write_manifest(summary.manifest, records)  # compact what a killed run left
-    model_name = getattr(aligner, "name", "custom")
-    if on_start:
-        on_start(len(pairs))
-
-    start = time.perf_counter()
-    todo: list[Pair] = []
-    manifest = open(summary.manifest, "a", encoding="utf-8")
-
-    def done(pair: Pair, record: dict) -> None:
-        status = record["status"]
-        if status == "skipped":
-            summary.skipped += 1
-        else:
-            manifest.write(json.dumps(record) + "\n")
-            manifest.flush()
-            records[pair.rel] = record
-            if status == "ok":
-                summary.aligned += 1
-                if record.get("suspect"):
-                    summary.suspect += 1
-                    summary.suspects.append(pair.rel)
-            else:
-                summary.failed += 1
-                summary.failures.append(record["error"])
-        if on_progress:
-            on_progress(record)
-
-    def base(pair: Pair) -> dict:
-        return {"input": pair.rel, "reference": pair.ref_label,
-                "output": pair.output.relative_to(out_dir).as_posix(), "model": model_name}
-
-    def failed(pair: Pair, message: str) -> dict:
-        return {**base(pair), "matrix": None, "transform": aligner.transform, "score": None,
-                "suspect": False, "refined": False, "status": "failed", "error": message}
-
-    try:
-        for pair in pairs:
-            previous = records.get(pair.rel)
-            if pair.error is not None:
-                done(pair, failed(pair, pair.error))
-            elif (not overwrite and previous and previous.get("status") == "ok" and pair.output.is_file()
-                  and previous.get("reference") == pair.ref_label and previous.get("model") == model_name):
-                done(pair, {**previous, "status": "skipped"})
-            else:
-                todo.append(pair)
-
-        shared = {}
-        if shared_ref is not None:  # one reference for every pair: its gray image and mask once
-            from .refine import resolve_mask, to_gray
-
-            shared["ref_gray"] = to_gray(shared_ref)
-            region = resolve_mask(getattr(aligner, "mask", None), shared_ref)
-            if region is not None:
-                shared["mask"] = region
-
-        def finish(pair: Pair, image, reference, matrix) -> dict:
-            try:
-                result = aligner.finish(image, reference, matrix, warp=True, **shared)
-                write_image(pair.output, writable(result.image))
-                return {**base(pair), **result.to_record(), "status": "ok"}
-            except Exception as err:  # noqa: BLE001
-                return failed(pair, _one_line(err, pair.input))
-
-        def decode(pair: Pair):
-            image, err = _read(pair.input, max_pixels)
-            if err is not None:
-                return None, None, err
-            if shared_ref is not None:
-                return image, shared_ref, None
-            reference, err = _read(pair.reference, max_pixels)
-            return image, reference, err
-
-        chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stn-batch")
-        try:
-            decoding: deque[list[Future]] = deque()
-            finishing: deque[tuple[Pair, Future]] = deque()
-            next_chunk = 0
-
-            def prefetch():
-                nonlocal next_chunk
-                while next_chunk < len(chunks) and len(decoding) < 2:  # the current chunk and one ahead
-                    decoding.append([pool.submit(decode, p) for p in chunks[next_chunk]])
-                    next_chunk += 1
-
-            def collect(block_until: int) -> None:
-                """Report finished pairs in order; wait while more than ``block_until`` are pending."""
-                while finishing and (finishing[0][1].done() or len(finishing) > block_until):
-                    pair, fut = finishing.popleft()
-                    done(pair, fut.result())
-
-            prefetch()
-            for chunk in chunks:
-                decoded = [f.result() for f in decoding.popleft()]
-                prefetch()
-                ready = []
-                for pair, (image, reference, err) in zip(chunk, decoded):
-                    if err is not None:
-                        done(pair, failed(pair, err))
-                    else:
-                        ready.append((pair, image, reference))
-                if ready:
-                    try:
-                        matrices = aligner.estimate([r[1] for r in ready], [r[2] for r in ready])
-                    except Exception as err:  # noqa: BLE001 - e.g. out of memory: fail this chunk, go on
-                        for pair, _, _ in ready:
-                            done(pair, failed(pair, _one_line(err, pair.input)))
-                    else:
-                        for (pair, image, reference), matrix in zip(ready, matrices):
-                            finishing.append((pair, pool.submit(finish, pair, image, reference, matrix)))
-                del decoded, ready
-                collect(block_until=2 * batch_size)
-            collect(block_until=0)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C: drop queued work, let running pairs end
-    except KeyboardInterrupt:
-        summary.interrupted = True
-        raise
-    finally:
-        summary.seconds = time.perf_counter() - start
-        manifest.close()
-        try:
-            write_manifest(summary.manifest, records)
-        except OSError:
-            pass  # the appended records are still there; the next run compacts them
+    with open_run(aligner, pairs, out_dir, summary, overwrite, on_progress, on_start) as run, \
+            _network_threads(aligner, workers):
+        _pipeline(aligner, run, batch_size, workers, max_pixels, shared_ref)
     return summary
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _network_threads(aligner, workers: int) -> Iterator[None]:
+    """For the run, a network on the CPU gets the cores the workers leave (at least one, never more than
+    torch's setting); restored after. Its intra-op threads would otherwise fight the workers for the cores
+    (with 2 workers on 2 cores, torch's default 2 threads made the whole batch 2-3x slower)."""
+    device = getattr(aligner, "device", None)
+    if getattr(device, "type", None) != "cpu":
+        yield
+        return
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(saved, _cpus() - workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _pipeline(aligner, run: BatchRun, batch_size: int, workers: int, max_pixels, shared_ref) -> None:
+    """The local engine: decode one chunk ahead on the pool, the network on this thread, finish on the pool."""
+    shared = shared_reference(aligner, shared_ref)
+    todo = run.todo
+    chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stn-batch")
+    try:
+        decoding: deque[list[Future]] = deque()
+        finishing: deque[tuple[Pair, Future]] = deque()
+        next_chunk = 0
+
+        def prefetch():
+            nonlocal next_chunk
+            while next_chunk < len(chunks) and len(decoding) < 2:  # the current chunk and one ahead
+                decoding.append([pool.submit(decode_pair, p, max_pixels, shared_ref) for p in chunks[next_chunk]])
+                next_chunk += 1
+
+        def collect(block_until: int) -> None:
+            """Report finished pairs in order; wait while more than ``block_until`` are pending."""
+            while finishing and (finishing[0][1].done() or len(finishing) > block_until):
+                pair, fut = finishing.popleft()
+                run.done(pair, fut.result())
+
+        prefetch()
+        for chunk in chunks:
+            decoded = [f.result() for f in decoding.popleft()]
+            prefetch()
+            ready = []
+            for pair, (image, reference, err) in zip(chunk, decoded):
+                if err is not None:
+                    run.done(pair, run.failed(pair, err))
+                else:
+                    ready.append((pair, image, reference))
+            if ready:
+                try:
+                    matrices = aligner.estimate([r[1] for r in ready], [r[2] for r in ready])
+                except Exception as err:  # noqa: BLE001 - e.g. out of memory: fail this chunk, go on
+                    for pair, _, _ in ready:
+                        run.done(pair, run.failed(pair, _one_line(err, pair.input)))
+                else:
+                    for (pair, image, reference), matrix in zip(ready, matrices):
+                        finishing.append((pair, pool.submit(finish_pair, aligner, pair, image, reference, matrix,
+                                                            shared, run.out_dir)))
+            del decoded, ready
+            collect(block_until=2 * batch_size)
+        collect(block_until=0)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C: drop queued work, let running pairs end

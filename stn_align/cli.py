@@ -81,16 +81,20 @@ def main(
 
 _TRANSFORMS = ("affine", "projective")
 _REFINES = ("ecc", "none")
+_FALLBACKS = ("features", "rotations", "none")
 _ALPHA_SUFFIXES = (".png", ".tif", ".tiff", ".webp")
 _WRITE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
 
 _MODEL_HELP = "Shipped model name (see 'stn-align models') or a .safetensors path. Default: picked by --transform."
 _TRANSFORM_HELP = "affine or projective: picks the shipped model of that kind ('affine' / 'default') when --model is not given."
-_ITERATIONS_HELP = "Network refinement rounds (warp, re-predict, compose)."
+_ITERATIONS_HELP = "Network refinement: updates (iterative models) or warp-and-re-predict rounds (global models); default: the model's own."
 _DEVICE_HELP = "auto (CUDA when available), cpu or cuda."
 _FILL_HELP = "Border of the aligned image: white, black, edge, transparent (adds alpha) or R,G,B."
 _REFINE_HELP = "ecc: polish the network's estimate with OpenCV's ECC (kept only if it helps); none: network only."
-_MIN_SCORE_HELP = "Alignments scoring below this (0-1) are flagged suspect."
+_MIN_SCORE_HELP = "Alignments scoring below this (0-1) are flagged suspect (after the --fallback safety net)."
+_FALLBACK_HELP = ("Safety net when the result scores below --min-score: features (also try the network started from the "
+                  "input turned 90/180/270 degrees, and SIFT + MAGSAC, each polished like the network's; the best score "
+                  "wins), rotations (the turned starts only) or none.")
 _MASK_HELP = ("none, auto (refinement and score look only at the reference's foreground: the product on a plain "
               "background, or its alpha) or FILE (a mask image in the reference's frame, non-zero = use).")
 
@@ -109,12 +113,15 @@ def _infer_consoles(json_to_stdout: bool = False):
     return (err if json_to_stdout else Console(soft_wrap=True, highlight=False)), err
 
 
-def _infer_check_options(transform: Optional[str], refine: str, fill: str, iterations: int, min_score: float) -> None:
+def _infer_check_options(transform: Optional[str], refine: str, fill: str, iterations: Optional[int], min_score: float,
+                         fallback: str = "features") -> None:
     if transform is not None and transform not in _TRANSFORMS:
         fail(f"--transform must be affine or projective, not {transform!r}", 2)
+    if fallback not in _FALLBACKS:
+        fail(f"--fallback must be features, rotations or none, not {fallback!r}", 2)
     if refine not in _REFINES:
         fail(f"--refine must be ecc or none, not {refine!r}", 2)
-    if iterations < 1:
+    if iterations is not None and iterations < 1:
         fail(f"--iterations must be at least 1, not {iterations}", 2)
     if not 0.0 <= min_score <= 1.0:
         fail(f"--min-score must be between 0 and 1, not {min_score}", 2)
@@ -187,11 +194,12 @@ def align_command(
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output file (or existing directory). Default: INPUT_NAME.aligned.EXT next to the input."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
     transform: Optional[str] = typer.Option(None, "--transform", help=_TRANSFORM_HELP),
-    iterations: int = typer.Option(3, "--iterations", help=_ITERATIONS_HELP),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help=_ITERATIONS_HELP),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     fill: str = typer.Option("white", "--fill", help=_FILL_HELP),
     refine: str = typer.Option("ecc", "--refine", help=_REFINE_HELP),
     min_score: float = typer.Option(0.75, "--min-score", help=_MIN_SCORE_HELP),
+    fallback: str = typer.Option("features", "--fallback", help=_FALLBACK_HELP),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the result record as JSON to FILE, or '-' for stdout.", metavar="FILE|-"),
     mask: str = typer.Option("none", "--mask", help=_MASK_HELP),
     preview: Optional[Path] = typer.Option(None, "--preview", help="Also write a sheet (input | reference | aligned | overlay | checkerboard) to FILE."),
@@ -205,7 +213,7 @@ def align_command(
     from .batch import writable
     from .io import ImageError, read_image, write_image
 
-    _infer_check_options(transform, refine, fill, iterations, min_score)
+    _infer_check_options(transform, refine, fill, iterations, min_score, fallback)
     show, diag = _infer_consoles(json_to_stdout=json_out == "-")
     if out is not None and out.is_dir():  # -o DIR: DIR/INPUT_NAME
         out = out / (input.name if input.suffix.lower() in _WRITE_SUFFIXES else f"{input.stem}.png")
@@ -229,7 +237,7 @@ def align_command(
     if preview is not None and preview.suffix.lower() not in _WRITE_SUFFIXES:
         fail(f"{preview}: unsupported preview format {preview.suffix or '(no suffix)'!r}", 2)
     aligner = _infer_load(model, transform, device, diag, iterations=iterations, refine=refine, fill=fill,
-                          min_score=min_score, mask=mask_option)
+                          min_score=min_score, mask=mask_option, fallback=fallback)
     try:
         result = aligner.align(image_in, image_ref)
         write_image(output, writable(result.image))
@@ -241,7 +249,8 @@ def align_command(
         fail(str(err) if isinstance(err, ImageError) else f"{input}: {err}")
     record = {"input": str(input), "reference": str(ref), "output": str(output), **result.to_record(),
               "model": aligner.name}
-    how = "network + ECC" if result.refined else "network"
+    how = {"network": "network", "rotated": "network from a turned start", "features": "SIFT features"}[
+        result.method.removesuffix("+ecc")] + (" + ECC" if result.refined else "")
     show.print(f"aligned {escape(str(input))} -> [bold]{escape(str(output))}[/bold]  "
                f"({result.transform}, model {escape(aligner.name)}, {how})")
     show.print(f"score {result.score:.3f}" + ("  [yellow]suspect[/yellow]" if result.suspect else ""))
@@ -271,11 +280,12 @@ def batch_command(
     ref_dir: Optional[Path] = typer.Option(None, "--ref-dir", help="Folder of references: each input is paired with the reference at the same relative path, or else the same relative name with any image extension."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
     transform: Optional[str] = typer.Option(None, "--transform", help=_TRANSFORM_HELP),
-    iterations: int = typer.Option(3, "--iterations", help=_ITERATIONS_HELP),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help=_ITERATIONS_HELP),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     fill: str = typer.Option("white", "--fill", help=_FILL_HELP),
     refine: str = typer.Option("ecc", "--refine", help=_REFINE_HELP),
     min_score: float = typer.Option(0.75, "--min-score", help=_MIN_SCORE_HELP),
+    fallback: str = typer.Option("features", "--fallback", help=_FALLBACK_HELP),
     mask: str = typer.Option("none", "--mask", help=_MASK_HELP),
     recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Include sub-folders."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo inputs already aligned by a previous run (default: resume, skipping them)."),
@@ -283,6 +293,8 @@ def batch_command(
     workers: Optional[int] = typer.Option(None, "--workers", help="Threads decoding, refining and encoding images. Default: min(4, CPUs)."),
     fail_on_suspect: bool = typer.Option(False, "--fail-on-suspect", help="Exit 1 when any alignment is suspect (score below --min-score)."),
     max_pixels: int = typer.Option(178_956_970, "--max-pixels", help="Refuse images larger than this many pixels (decompression-bomb guard)."),
+    engine: str = typer.Option("local", "--engine", help="local (this machine) or ray (a Ray cluster with Ray Data: an actor pool, one GPU per actor when the cluster has GPUs; needs pip install \"stn-align\\[ray]\" and paths shared by every node)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --engine ray: the cluster, e.g. auto or ray://HOST:10001. Default: RAY_ADDRESS, else a new local Ray."),
 ):
     """Align every image of INPUT_DIR to --ref (or to its counterpart in --ref-dir) into OUT_DIR.
 
@@ -302,7 +314,18 @@ def batch_command(
         fail(f"--batch-size must be at least 1, not {batch_size}", 2)
     if workers is not None and workers < 1:
         fail(f"--workers must be at least 1, not {workers}", 2)
-    _infer_check_options(transform, refine, fill, iterations, min_score)
+    _infer_check_options(transform, refine, fill, iterations, min_score, fallback)
+    if engine not in ("local", "ray"):
+        fail(f"--engine must be local or ray, not {engine!r}", 2)
+    if ray_address is not None and engine != "ray":
+        fail("--ray-address needs --engine ray", 2)
+    if engine == "ray":
+        from .ray_engine import import_ray
+
+        try:
+            import_ray()
+        except BatchError as err:
+            fail(str(err))
     mask_option = _infer_check_mask(mask)
     show, diag = _infer_consoles()
     try:
@@ -319,8 +342,14 @@ def batch_command(
     if not plan[0]:
         diag.print(f"[yellow]warning:[/yellow] no images found in {escape(str(input_dir))}"
                    + ("" if recursive else " (without sub-folders: --no-recursive)"))
-    aligner = _infer_load(model, transform, device, diag, iterations=iterations, refine=refine, fill=fill,
-                          min_score=min_score, mask=mask_option)
+    if engine == "ray":  # loaded here on the CPU; each actor moves it to its own device (--device)
+        from rich.console import Console
+
+        aligner = _infer_load(model, transform, "cpu", Console(quiet=True), iterations=iterations, refine=refine,
+                              fill=fill, min_score=min_score, mask=mask_option, fallback=fallback)
+    else:
+        aligner = _infer_load(model, transform, device, diag, iterations=iterations, refine=refine, fill=fill,
+                              min_score=min_score, mask=mask_option, fallback=fallback)
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), TextColumn("eta"),
@@ -340,10 +369,16 @@ def batch_command(
 
     try:
         with progress:
-            summary = align_directory(aligner, input_dir, out, ref=ref, ref_dir=ref_dir, recursive=recursive,
-                                      overwrite=overwrite, batch_size=batch_size, workers=workers,
-                                      on_progress=on_progress, on_start=on_start, plan=plan, ref_image=ref_image,
-                                      max_pixels=max_pixels)
+            common = dict(ref=ref, ref_dir=ref_dir, recursive=recursive, overwrite=overwrite, batch_size=batch_size,
+                          workers=workers, on_progress=on_progress, on_start=on_start, plan=plan, ref_image=ref_image,
+                          max_pixels=max_pixels)
+            if engine == "ray":
+                from .ray_engine import align_directory_ray
+
+                summary = align_directory_ray(aligner, input_dir, out, address=ray_address, device=device,
+                                              on_info=lambda text: diag.print(escape(text)), **common)
+            else:
+                summary = align_directory(aligner, input_dir, out, **common)
     except KeyboardInterrupt:
         diag.print(f"interrupted; finished pairs are recorded in {escape(str(Path(out) / 'alignments.jsonl'))}: "
                    "re-run the same command to resume")
@@ -377,6 +412,7 @@ def train(
     out: Path = typer.Option(..., "-o", "--out", help="Model file to write (MODEL.safetensors; training state goes beside it)."),
     transform: str = typer.Option("projective", help="affine (6 parameters) or projective (8)."),
     size: int = typer.Option(128, help="Working resolution in pixels (multiple of 32)."),
+    architecture: str = typer.Option("iterative", help="iterative (coarse global stage + local-correlation updates) or global (0.1's)."),
     steps: int = typer.Option(20000, help="Optimizer steps."),
     batch_size: int = typer.Option(32, help="Pairs per step."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
@@ -387,41 +423,53 @@ def train(
     val_fraction: float = typer.Option(0.1, help="Fraction of photos held out for validation."),
     resume: Optional[Path] = typer.Option(None, help="Continue from MODEL.safetensors (or its .state.safetensors)."),
     init: Optional[str] = typer.Option(None, help="Start from a model's weights (fine-tuning): a shipped name, e.g. default, or a path."),
+    init_lr_scale: float = typer.Option(1.0, help="Learning-rate factor for the weights taken from --init (0 freezes them; new parts train at --lr)."),
     seed: int = typer.Option(0, help="Seed of the pair sampler (training data is a function of seed and step)."),
-    iterations: int = typer.Option(2, help="Refinement rounds unrolled in training."),
+    iterations: Optional[int] = typer.Option(None, help="Rounds unrolled in training (default: 4 updates iterative, 2 rounds global)."),
     p_crop: float = typer.Option(0.5, help="Fraction of crop pairs (DeTone); the rest are whole-image warps with fill."),
-    max_rotation: float = typer.Option(30.0, help="Whole-image warps: rotation range, degrees."),
-    max_scale: float = typer.Option(1.28, help="Whole-image warps: scale factor range [1/F, F]."),
+    max_rotation: float = typer.Option(45.0, help="Whole-image warps: rotation range, degrees."),
+    max_scale: float = typer.Option(1.43, help="Whole-image warps: scale factor range [1/F, F]."),
     max_shear: float = typer.Option(0.15, help="Whole-image warps: shear factor."),
     max_translation: float = typer.Option(0.15, help="Whole-image warps: translation, fraction of the size."),
     max_perspective: float = typer.Option(0.12, help="Whole-image warps: corner jitter, fraction of the size (projective)."),
     crop_rho: float = typer.Option(0.25, help="Crop pairs: corner jitter, fraction of the crop size."),
     eval_every: int = typer.Option(1000, help="Validate every N steps."),
+    eval_every_seconds: Optional[float] = typer.Option(None, help="Also validate every N seconds of wall time (learning curves)."),
     checkpoint_every: int = typer.Option(500, help="Checkpoint every N steps."),
     stop_after: Optional[int] = typer.Option(None, help="Stop (with a checkpoint) at this step; continue later with --resume."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes (one per GPU, or CPU processes; "
+                              "the batch is split across them). Same as torchrun --nproc_per_node N -m stn_align.train."),
 ):
     """Train an aligner on your own photos, self-supervised by random synthetic warps."""
     from .checkpoint import CheckpointError
     from .data import WarpRanges
     from .io import ImageError
     from .train import TrainConfig
+    from .train import launch
     from .train import train as run_training
 
     if transform not in ("affine", "projective"):
         fail(f"--transform must be affine or projective, not {transform!r}")
+    if architecture not in ("iterative", "global"):
+        fail(f"--architecture must be iterative or global, not {architecture!r}", 2)
     ranges = WarpRanges(max_rotation=max_rotation, max_scale=max_scale, max_shear=max_shear,
                         max_translation=max_translation, max_perspective=max_perspective, crop_rho=crop_rho)
-    config = TrainConfig(data_dir=str(data_dir), out=str(out), transform=transform, size=size, steps=steps, warmup=warmup,
+    config = TrainConfig(data_dir=str(data_dir), out=str(out), transform=transform, size=size, architecture=architecture,
+                         steps=steps, warmup=warmup,
                          batch_size=batch_size, lr=lr, device=device, workers=workers, threads=threads, val_fraction=val_fraction,
                          resume=str(resume) if resume else None, init=str(init) if init else None, seed=seed,
+                         init_lr_scale=init_lr_scale,
                          iterations=iterations, p_crop=p_crop, ranges=ranges, eval_every=eval_every,
+                         eval_every_seconds=eval_every_seconds,
                          checkpoint_every=checkpoint_every, stop_after=stop_after)
     try:
-        result = run_training(config)
+        result = run_training(config) if nproc == 1 else launch(config, nproc)
     except KeyboardInterrupt:
         raise typer.Exit(130)
     except (ImageError, CheckpointError, ValueError, RuntimeError) as err:
         fail(str(err))
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return
     figures = result.get("validation")
     typer.echo(f"wrote {out}" + (f" (validation: mean {figures['mean_px']:.2f}px, <3px {figures['under_3px']:.1%})" if figures else ""))
 
@@ -542,7 +590,7 @@ def eval_command(
     preview: Optional[Path] = typer.Option(None, "--preview", help="Write preview sheets of the worst and of random pairs (model's results) to DIR."),
     preview_n: int = typer.Option(8, "--preview-n", help="Pairs per preview group (worst, random)."),
     mask: str = typer.Option("none", "--mask", help="none, auto (refinement and score look at each reference's foreground only) or FILE (one mask for every reference)."),
-    iterations: int = typer.Option(3, "--iterations", help="Network refinement rounds."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="Network refinement rounds (default: the model's own)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch and OpenCV (default: their own choice); timings depend on it."),
 ):
@@ -563,7 +611,7 @@ def eval_command(
         fail(f"--mask must be none, auto or a mask image file, not {mask!r}", 2)
     if mode not in ("auto", "crop", "whole"):
         fail(f"--mode must be auto, crop or whole, not {mode!r}", 2)
-    if n < 1 or preview_n < 0 or iterations < 1:
+    if n < 1 or preview_n < 0 or (iterations is not None and iterations < 1):
         fail("--n and --iterations must be at least 1, --preview-n at least 0", 2)
 
     import json
@@ -640,21 +688,76 @@ def reproduce_command(
     data: Optional[Path] = typer.Option(
         None, "--data", help="MNIST dir (the four IDX .gz files, unpacked files or a torchvision root) or SVHN dir "
         "(train_32x32.mat, test_32x32.mat; needs scipy). Default: ../shared/data/<mnist|svhn>."),
-    epochs: int = typer.Option(3, "--epochs", min=1, help="Passes over the training set."),
+    protocol: str = typer.Option("short", "--protocol", help="paper: the authors' SGD lr 0.01, batch 256, 150 000 "
+                                 "iterations, lr /10 at 1/3 and 2/3; short: the CPU budget (Adam, cosine)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Passes over the training set (overrides "
+                                         "--iterations; default 3, or the protocol's iterations)."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help="Optimiser steps per network."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd or adam (default: the protocol's)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Base learning rate (default: the protocol's)."),
+    momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum (default: the protocol's)."),
+    loc_lr_scale: Optional[float] = typer.Option(None, "--loc-lr-scale", help="Localisation lr / base lr."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Batch size (default: the protocol's)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="step (lr / 10 at --lr-drops) or cosine."),
+    lr_drops: Optional[str] = typer.Option(None, "--lr-drops", help="Comma-separated fractions of the run, e.g. 0.333,0.667."),
+    networks: Optional[str] = typer.Option(None, "--networks", help="Comma-separated subset, e.g. STN-SL1,STN-C0 (trained in that order)."),
     seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per network (0..N-1)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    out: Path = typer.Option(Path("icpr2020-results"), "--out", help="Output folder for results.md, results.json and figure3.png."),
+    out: Path = typer.Option(Path("icpr2020-results"), "--out", help="Output folder (results, figures, checkpoints/)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Train on this many images (smoke runs)."),
+    test_limit: Optional[int] = typer.Option(None, "--test-limit", min=1, help="Score on the first N test images."),
     threads: int = typer.Option(1, "--threads", min=1, help="CPU threads for torch."),
+    resume: bool = typer.Option(True, "--resume/--restart", help="Continue from OUT/checkpoints (default) or start over."),
 ):
     """Reproduce Finnveden et al. (ICPR 2020): CNN vs STN-C0 / STN-CX / STN-SLX (SVHN must be supplied by you)."""
     from .reproduce import run_reproduce
 
     try:
+        drops = None if lr_drops is None else tuple(float(f) for f in lr_drops.split(",") if f.strip())
+        nets = None if networks is None else tuple(n.strip() for n in networks.split(",") if n.strip())
         run_reproduce(experiment, data, epochs=epochs, seeds=seeds, device=device, out_dir=out, limit=limit,
-                      threads=threads)
+                      test_limit=test_limit, threads=threads, protocol=protocol, optimizer=optimizer, lr=lr,
+                      momentum=momentum, loc_lr_scale=loc_lr_scale, batch_size=batch_size, schedule=schedule,
+                      lr_drops=drops, iterations=iterations, networks=nets, resume=resume)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
+
+
+# -------------------------------------------------------------------------------------------- export
+# (owner: ONNX export; see stn_align/export.py)
+
+
+@app.command("export")
+def export_command(
+    model: str = typer.Argument(..., help="Shipped model name (see 'stn-align models') or a .safetensors path."),
+    out: Path = typer.Option(..., "-o", "--out", help="ONNX file to write (one file, weights included)."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help="Refinement rounds baked into the graph (default: the aligner's)."),
+    opset: int = typer.Option(18, "--opset", min=18, help="ONNX opset (18 or newer)."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Run the file with onnxruntime (when installed) and compare with PyTorch."),
+):
+    """Export the network's estimate as an ONNX graph: two (B, 3, S, S) images in, the working-frame matrix out."""
+    from .align import resolve_model
+    from .checkpoint import CheckpointError, load_model
+    from .export import ExportError, compare_with_torch, export_onnx
+
+    try:
+        path = resolve_model(model)
+        net, _ = load_model(path)
+        typer.echo(f"exporting {path.name} (working size {net.config.size}) ...", err=True)
+        written = export_onnx(net, out, iterations, opset, metadata={"source": path.name})
+    except (CheckpointError, ExportError) as err:
+        fail(str(err))
+    typer.echo(f"wrote {written}: inputs image_in, image_ref (B, 3, {net.config.size}, {net.config.size}) in [0, 1]; "
+               "outputs matrix (B, 3, 3), corner_offsets (B, 4, 2), working pixels")
+    if check:
+        try:
+            difference = compare_with_torch(net, written, iterations)
+        except ImportError:
+            typer.echo("onnxruntime is not installed: not checked", err=True)
+        else:
+            typer.echo(f"onnxruntime vs PyTorch: largest corner difference {difference:.2e} px")
+            if not difference < 1e-3:
+                fail(f"{written}: onnxruntime differs from PyTorch by {difference:.3g} px")
 
 
 if __name__ == "__main__":  # python -m stn_align.cli; keep this at the very end of the file

@@ -28,8 +28,8 @@ from .geometry import resize_matrix
 class WarpRanges:
     """Ranges of the random transforms. Fractions are of the image size."""
 
-    max_rotation: float = 30.0  # degrees, whole mode
-    max_scale: float = 1.28  # scale factor in [1/max_scale, max_scale], whole mode
+    max_rotation: float = 45.0  # degrees, whole mode
+    max_scale: float = 1.43  # scale factor in [1/max_scale, max_scale] = [0.70, 1.43], whole mode
     max_shear: float = 0.15  # shear factor (tan of the shear angle), whole mode
     max_translation: float = 0.15  # whole mode
     max_perspective: float = 0.12  # corner jitter, whole mode, projective only

@@ -258,6 +258,8 @@ class Outcome:
     seconds: float
     score: float | None = None
     refined: bool = False
+    method: str | None = None  # the model's winning path (AlignResult.method); None for baselines
+    fired: bool | None = None  # the safety net ran (None: no safety net for this method)
 
 
 class Method:
@@ -291,12 +293,14 @@ class BaselineMethod(Method):
 
 
 class ModelMethod(Method):
-    """An :class:`align.Aligner` with a given ``refine`` (and ``mask``). Variants of the same aligner share
-    one network estimate per pair through ``cache`` (its time is added to every variant's time)."""
+    """An :class:`align.Aligner` with a given ``refine``, ``fallback`` (the safety net; ``none`` by default,
+    so the figures are the network's and ECC's own) and ``mask``. Variants of the same aligner share one
+    network estimate per pair through ``cache`` (its time is added to every variant's time)."""
 
-    def __init__(self, aligner, refine: str = "none", mask=None, label: str | None = None, cache: dict | None = None):
-        self.aligner, self.refine, self.mask = aligner, refine, mask
-        self.name = label or f"{aligner.name}+{refine}"
+    def __init__(self, aligner, refine: str = "none", mask=None, label: str | None = None, cache: dict | None = None,
+                 fallback: str = "none"):
+        self.aligner, self.refine, self.mask, self.fallback = aligner, refine, mask, fallback
+        self.name = label or method_label(aligner.name, refine, fallback)
         self.cache = {} if cache is None else cache
 
     def __call__(self, pair: Pair) -> Outcome:
@@ -307,14 +311,15 @@ class ModelMethod(Method):
             self.cache.clear()  # only the current pair is needed
             self.cache[key] = (matrix, time.perf_counter() - start)
         matrix, network_seconds = self.cache[key]
-        saved = self.aligner.refine
+        saved = self.aligner.refine, self.aligner.fallback
         start = time.perf_counter()
         try:
-            self.aligner.refine = self.refine
+            self.aligner.refine, self.aligner.fallback = self.refine, self.fallback
             result = self.aligner.finish(pair.input, pair.reference, matrix, warp=False, **_mask_arg(self.mask))
         finally:
-            self.aligner.refine = saved
-        return Outcome(result.matrix, network_seconds + time.perf_counter() - start, result.score, result.refined)
+            self.aligner.refine, self.aligner.fallback = saved
+        return Outcome(result.matrix, network_seconds + time.perf_counter() - start, result.score, result.refined,
+                       result.method, None if self.fallback == "none" else result.fallback_fired)
 
     def warmup(self, pair: Pair) -> None:
         self(pair)
@@ -325,11 +330,20 @@ def _mask_arg(mask) -> dict:
     return {} if mask is None else {"mask": mask}
 
 
-def model_methods(aligner, refines: Iterable[str], mask=None, label: str | None = None) -> list[ModelMethod]:
-    """One :class:`ModelMethod` per refine option, sharing the network estimate."""
+def method_label(base: str, refine: str, fallback: str = "none") -> str:
+    """``default+ecc``; with a safety net ``default+ecc+fallback`` (``features``) or ``default+ecc+fallback-rotations``."""
+    if fallback == "none":
+        return f"{base}+{refine}"
+    return f"{base}+{refine}+fallback" + ("" if fallback == "features" else f"-{fallback}")
+
+
+def model_methods(aligner, refines: Iterable[str], mask=None, label: str | None = None,
+                  fallbacks: Iterable[str] = ("none",)) -> list[ModelMethod]:
+    """One :class:`ModelMethod` per ``(refine, fallback)`` option, sharing the network estimate
+    (names: :func:`method_label`)."""
     cache: dict = {}
     base = label or aligner.name
-    return [ModelMethod(aligner, r, mask, f"{base}+{r}", cache) for r in refines]
+    return [ModelMethod(aligner, r, mask, method_label(base, r, f), cache, f) for f in fallbacks for r in refines]
 
 
 # --- running and metrics ---------------------------------------------------------------------------------
@@ -345,6 +359,8 @@ class PairResult:
     score: float | None = None
     refined: bool = False
     matrix: list | None = None
+    method: str | None = None  # a model's winning path (network, network+ecc, rotated+ecc, features+ecc, ...)
+    fired: bool | None = None  # the safety net ran on this pair (None: the method has none)
 
 
 def usable(matrix) -> bool:
@@ -382,7 +398,8 @@ def run(
             error, failed = pair_error(outcome.matrix, pair)
             results[method.name].append(PairResult(
                 pair.name, pair.group, error, failed, outcome.seconds, outcome.score, outcome.refined,
-                None if failed else [[float(v) for v in row] for row in np.asarray(outcome.matrix)]))
+                None if failed else [[float(v) for v in row] for row in np.asarray(outcome.matrix)],
+                outcome.method, outcome.fired))
         if progress:
             progress(index + 1, len(pairs))
     return results
@@ -408,7 +425,25 @@ def summarize(results: Sequence[PairResult]) -> dict:
     if all(s is not None for s in scores):
         summary["score_auc"] = roc_auc(np.array(scores, float), errors)
         summary["refined"] = float(np.mean([r.refined for r in results]))
+    if all(r.fired is not None for r in results):
+        summary["safety_net"] = safety_net_summary(results)
     return summary
+
+
+def safety_net_summary(results: Sequence[PairResult]) -> dict:
+    """How often the safety net fired and what it cost: fractions of pairs where it ran (``fired``) and
+    where a fallback path won (``fallback_won``: the method is not ``network``/``network+ecc``), mean seconds
+    per pair with and without firing (None when there are no such pairs), and the count of each winning method."""
+    fired = np.array([bool(r.fired) for r in results])
+    won = np.array([not str(r.method).startswith("network") for r in results])
+    seconds = np.array([r.seconds for r in results])
+    methods: dict[str, int] = {}
+    for r in results:
+        methods[str(r.method)] = methods.get(str(r.method), 0) + 1
+    return {"fired": float(fired.mean()), "fallback_won": float(won.mean()),
+            "seconds_fired": float(seconds[fired].mean()) if fired.any() else None,
+            "seconds_not_fired": float(seconds[~fired].mean()) if (~fired).any() else None,
+            "methods": dict(sorted(methods.items()))}
 
 
 def roc_auc(scores: np.ndarray, errors: np.ndarray, good: float = 3.0, bad: float = 10.0) -> float | None:

@@ -132,6 +132,45 @@ def pixel_to_normalized(matrix: torch.Tensor, size: int) -> torch.Tensor:
     return normalize_homography(matrix, (size, size), (size, size))
 
 
+# --- the spatial transformer's grid generator and sampler (one code path for every network) ------
+
+
+def transform_grid(homography: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Map normalised points ``(B, H, W, 2)`` (or ``(B, N, 2)``) by ``(B, 3, 3)``; same shape out."""
+    flat = grid.reshape(grid.shape[0], -1, 2)
+    homogeneous = torch.cat([flat, torch.ones_like(flat[..., :1])], dim=-1) @ homography.transpose(1, 2)
+    z = homogeneous[..., 2:]
+    z = torch.where(z.abs() < 1e-6, torch.full_like(z, 1e-6), z)  # keep the division finite
+    return (homogeneous[..., :2] / z).reshape(grid.shape)
+
+
+def base_grid(batch: int, out_hw: tuple[int, int], align_corners: bool = True, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Normalised pixel-centre coordinates ``(B, H, W, 2)`` (x, y) of an ``out_hw = (H, W)`` frame.
+
+    ``align_corners=True``: corner pixel centres at +-1 (the aligner's frame); ``False``: pixel corners
+    at +-1 (``F.affine_grid``'s default, used by the ICPR 2020 classifiers).
+    """
+    identity = torch.eye(2, 3, device=device, dtype=dtype).expand(batch, 2, 3)
+    return torch.nn.functional.affine_grid(identity, [batch, 1, *out_hw], align_corners=align_corners)
+
+
+def homography_grid(homography: torch.Tensor, out_hw: tuple[int, int], align_corners: bool = True) -> torch.Tensor:
+    """Grid generator: where each output pixel samples its source, ``(B, H, W, 2)`` normalised.
+
+    Args:
+        homography: ``(B, 3, 3)`` normalised **output -> source** transforms (the STN's ``theta``).
+        out_hw: output size ``(H, W)``.
+    """
+    grid = base_grid(homography.shape[0], out_hw, align_corners, homography.device, homography.dtype)
+    return transform_grid(homography, grid)
+
+
+def sample(image: torch.Tensor, grid: torch.Tensor, padding_mode: str = "zeros", align_corners: bool = True) -> torch.Tensor:
+    """Sampler: bilinear ``(B, C, H, W)`` at ``grid (B, H', W', 2)`` -> ``(B, C, H', W')``."""
+    return torch.nn.functional.grid_sample(image, grid.to(image.dtype), mode="bilinear", padding_mode=padding_mode,
+                                           align_corners=align_corners)
+
+
 def warp_normalized(
     image: torch.Tensor, homography: torch.Tensor, padding_mode: str = "border"
 ) -> torch.Tensor:
@@ -139,9 +178,8 @@ def warp_normalized(
 
     Output pixel ``p`` samples the input at ``H^-1 p``, exactly like ``cv2.warpPerspective``.
     """
-    size = image.shape[-1]
-    matrix = normalized_to_pixel(homography, size)
-    return warp_perspective(image, matrix, (image.shape[-2], size), padding_mode=padding_mode, align_corners=True)
+    source = torch.linalg.inv(homography.float()).to(image.dtype)
+    return sample(image, homography_grid(source, tuple(image.shape[-2:])), padding_mode)
 
 
 def warp_pixels(

@@ -155,30 +155,38 @@ def overlap_mask(input_size: tuple[int, int], matrix: np.ndarray, ref_size: tupl
 
 
 def zncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
-    """Zero-mean normalised cross-correlation of ``a`` and ``b`` ``(H, W[, C])`` over ``mask > 0``; -1..1."""
-    sel = mask > 0
+    """Zero-mean normalised cross-correlation of ``a`` and ``b`` ``(H, W[, C])`` over ``mask > 0``; -1..1.
+
+    Each channel is centred on its own mean; the sums run over all channels together."""
+    planes = (lambda x: [x] if x.ndim == 2 else cv2.split(np.ascontiguousarray(x)))
+    return _zncc_planes(planes(a), planes(b), mask > 0)
+
+
+def _zncc_planes(xs: list[np.ndarray], ys: list[np.ndarray], sel: np.ndarray) -> float:
+    """:func:`zncc` of channel planes ``(H, W)`` over the boolean ``sel``. Planes, not interleaved
+    ``(H, W, C)`` arrays: numpy's gathers and reductions over a last axis of 2 are ten times slower."""
     if np.count_nonzero(sel) < 16:
         return 0.0
-    x, y = a[sel].astype(np.float32), b[sel].astype(np.float32)
-    x = (x - x.mean(axis=0, dtype=np.float64).astype(np.float32)).ravel()
-    y = (y - y.mean(axis=0, dtype=np.float64).astype(np.float32)).ravel()
-    xx, yy, xy = float(np.dot(x, x)), float(np.dot(y, y)), float(np.dot(x, y))
+    xx = yy = xy = 0.0
+    for a, b in zip(xs, ys):
+        x, y = a[sel].astype(np.float32, copy=False), b[sel].astype(np.float32, copy=False)
+        x = x - np.float32(x.mean(dtype=np.float64))
+        y = y - np.float32(y.mean(dtype=np.float64))
+        xx, yy, xy = xx + float(np.dot(x, x)), yy + float(np.dot(y, y)), xy + float(np.dot(x, y))
     denom = np.sqrt(xx * yy)
     return float(np.clip(xy / denom, -1, 1)) if denom > 1e-12 else 0.0
 
 
-def _gradients(gray: np.ndarray, sigma: float) -> np.ndarray:
-    """Smoothed image gradients ``(H, W, 2)`` float32."""
+def _gradients(gray: np.ndarray, sigma: float) -> list[np.ndarray]:
+    """Smoothed image gradients: the planes ``[gx, gy]``, each ``(H, W)`` float32."""
     g = cv2.GaussianBlur(gray, (0, 0), sigma) if sigma > 0 else gray
-    gx = cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=3)
-    gy = cv2.Sobel(g, cv2.CV_32F, 0, 1, ksize=3)
-    return np.dstack([gx, gy])
+    return [cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(g, cv2.CV_32F, 0, 1, ksize=3)]
 
 
 def gradient_zncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray, sigma: float = 1.0) -> float:
     """ZNCC of the gradient fields of ``a`` and ``b`` over ``mask``: flat background contributes nothing,
     so it measures how well edges coincide (sharp for misalignments of a few pixels)."""
-    return zncc(_gradients(a, sigma), _gradients(b, sigma), mask)
+    return _zncc_planes(_gradients(a, sigma), _gradients(b, sigma), mask > 0)
 
 
 def alignment_score(
@@ -326,9 +334,19 @@ def match_intensities(inp: np.ndarray, ref: np.ndarray, matrix: np.ndarray, mask
         return inp
     q = np.linspace(0, 1, 129)
     step = max(1, int(valid.sum()) // 40_000)  # a subsample is plenty for 129 quantiles
-    src, dst = np.quantile(warped[valid][::step], q), np.quantile(ref[valid][::step], q)
+    picked = np.flatnonzero(valid)[::step]  # subsample, then gather (not gather everything)
+    src, dst = _quantiles(warped.ravel()[picked], q), _quantiles(ref.ravel()[picked], q)
     src = np.maximum.accumulate(src + np.arange(len(q)) * 1e-7)  # strictly increasing for interp
     return np.interp(inp, src, dst).astype(np.float32)
+
+
+def _quantiles(values: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """``np.quantile(values, q)`` (linear interpolation) by one sort: ten times faster for 129 quantiles."""
+    x = np.sort(values)
+    pos = q * (len(x) - 1)
+    lo = np.floor(pos).astype(np.intp)
+    hi = np.minimum(lo + 1, len(x) - 1)
+    return x[lo] + (x[hi] - x[lo]) * (pos - lo)
 
 
 def _to_full(current: np.ndarray, ref_to: np.ndarray, in_to: np.ndarray) -> np.ndarray:
@@ -387,6 +405,7 @@ def _better(input_gray, ref_gray, before: np.ndarray, after: np.ndarray, mask, m
         return False
     w0 = cv2.warpPerspective(inp, m0, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     w1 = cv2.warpPerspective(inp, m1, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    z0, z1 = zncc(w0, ref, valid), zncc(w1, ref, valid)
-    g0, g1 = gradient_zncc(w0, ref, valid, 0.7), gradient_zncc(w1, ref, valid, 0.7)
+    sel, grad_ref = valid > 0, _gradients(ref, 0.7)
+    z0, z1 = _zncc_planes([w0], [ref], sel), _zncc_planes([w1], [ref], sel)
+    g0, g1 = _zncc_planes(_gradients(w0, 0.7), grad_ref, sel), _zncc_planes(_gradients(w1, 0.7), grad_ref, sel)
     return z1 > z0 and g1 >= g0 - 1e-3

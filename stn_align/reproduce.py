@@ -27,10 +27,12 @@ Networks: the MNIST CNN is Jaderberg et al.'s conv9x9(64)-pool-ReLU-conv7x7(64)-
 as in the authors' code; STN-C1 / STN-SL1 use depth 1 (after the first conv block). Every
 localisation net is ``localisation_features`` (two 5x5 convs with 20 filters + FC20) followed
 by the identity-initialised affine regression; sampler padding ``border`` for MNIST, ``zeros``
-for SVHN (as in the authors' code). Training: Adam, cosine-annealed to 0 per step, localisation
-nets at ``loc_lr_scale`` (default 1) x lr, cross-entropy; lr / batch per experiment in
-:data:`DEFAULT_OPTIMISER` (rotation 3e-3 / 64, translation 1e-3 / 16), picked in short pilots
-for small CPU budgets. The paper trained far longer with SGD - see ``docs/icpr2020/README.md``.
+for SVHN (as in the authors' code). Training (:data:`PROTOCOLS`): ``paper`` = the authors' SGD
+(momentum 0), lr 0.01, batch 256, 150 000 iterations, lr / 10 at 1/3 and 2/3; ``short`` = a CPU
+budget (Adam, cosine-annealed, lr / batch per experiment in :data:`DEFAULT_OPTIMISER`); every
+value can be overridden. The localisation nets train at ``loc_lr_scale`` x lr. Checkpoints after
+every epoch make runs resumable. Why the transformers do not learn to rotate on a CPU budget:
+``docs/icpr2020/README.md``.
 """
 
 from __future__ import annotations
@@ -81,16 +83,49 @@ PAPER_ERROR_PCT: dict[str, dict[str, float]] = {
     },
 }
 
-#: (Adam lr, batch size) per experiment. 3e-3 beat 1e-3 in a short rotated-MNIST pilot; on the
-#: cluttered 60x60 canvas 3e-3 (and batch 32) stayed at chance for 190 steps, so translation uses
-#: lr 1e-3 and batch 16 (more steps from few images).
+#: (Adam lr, batch size) per experiment for the short CPU protocol. 3e-3 beat 1e-3 in a short
+#: rotated-MNIST pilot; on the cluttered 60x60 canvas 3e-3 (and batch 32) stayed at chance for 190
+#: steps, so translation uses lr 1e-3 and batch 16 (more steps from few images).
 DEFAULT_OPTIMISER: dict[str, tuple[float, int]] = {
     "mnist-rot": (3e-3, 64),
     "mnist-trans": (1e-3, 16),
     "svhn": (1e-3, 64),
 }
 
+
+@dataclass(frozen=True)
+class TrainingProtocol:
+    """Optimiser, learning rates and schedule of a run (``None`` = the experiment's default).
+
+    ``lr_drops`` are fractions of the run at which every learning rate is divided by
+    ``lr_divisor`` (``schedule="step"``); ``schedule="cosine"`` anneals to 0 per step instead.
+    """
+
+    name: str
+    optimizer: str  # "sgd" | "adam"
+    lr: float | None
+    batch_size: int | None
+    momentum: float = 0.0
+    loc_lr_scale: float = 1.0
+    schedule: str = "cosine"  # "cosine" | "step"
+    lr_drops: tuple[float, ...] = ()
+    lr_divisor: float = 10.0
+    iterations: int | None = None  # None: use epochs
+
+
+#: The protocols ``reproduce --protocol`` knows. ``paper`` = the defaults of the authors' code
+#: (``luuf/stn-placement``: ``stn/parser.py``, ``stn/learn.py``, ``stn/learntorch.py``): plain SGD
+#: (momentum 0), lr 0.01, batch 256, 150 000 iterations, every lr divided by 10 after 50 000 and
+#: 100 000 iterations, localisation lr multiplier 1. ``short`` = the earlier CPU budget (Adam,
+#: cosine), kept for comparison.
+PROTOCOLS: dict[str, TrainingProtocol] = {
+    "paper": TrainingProtocol("paper", "sgd", 0.01, 256, 0.0, 1.0, "step", (1 / 3, 2 / 3), 10.0, 150_000),
+    "short": TrainingProtocol("short", "adam", None, None, 0.0, 1.0, "cosine"),
+}
+
 TEST_SEED = 12345  # fixed augmentation of the test set
+FIGURE2_DIGIT = 0  # test image shown in Figure 2 (a 7)
+FIGURE2_ANGLES = (-90.0, -60.0, -30.0, 0.0, 30.0, 60.0, 90.0)
 SUBSET_SEED = 0  # fixed choice of the `limit` training images
 ROT_MAX_DEG = 90.0
 CANVAS = 60
@@ -116,6 +151,23 @@ class ReproduceConfig:
     figure_images: int = 200
     threads: int = 1
     channels_last: bool = True
+    protocol: str = "short"
+    optimizer: str = "adam"
+    momentum: float = 0.0
+    schedule: str = "cosine"
+    lr_drops: tuple[float, ...] = ()
+    lr_divisor: float = 10.0
+    iterations: int | None = None  # total optimiser steps per network; None = epochs x steps/epoch
+
+    def total_steps(self, n_train: int) -> int:
+        """Optimiser steps of one network for ``n_train`` training images."""
+        return self.iterations if self.iterations is not None else self.epochs * math.ceil(n_train / self.batch_size)
+
+    def fingerprint(self) -> dict:
+        """The fields a checkpoint must agree on to be resumed."""
+        keys = ("experiment", "limit", "batch_size", "lr", "loc_lr_scale", "optimizer", "momentum", "schedule",
+                "lr_drops", "lr_divisor", "epochs", "iterations")
+        return {k: getattr(self, k) for k in keys}
 
 
 @dataclass
@@ -318,14 +370,35 @@ def build_network(name: str, experiment: str) -> STNClassifier:
 
 
 def _make_optimizer(model: STNClassifier, cfg: ReproduceConfig) -> torch.optim.Optimizer:
-    """Adam; the localisation net + regression layer train at ``loc_lr_scale * lr``."""
+    """SGD (with ``cfg.momentum``) or Adam; the localisation net + regression layer train at
+    ``loc_lr_scale * lr`` (the authors' ``--loc-lr-multiplier``; for STN-SLX the shared conv
+    blocks belong to the classifier, as in their code)."""
     loc = list(model.transformer.parameters()) if model.transformer is not None else []
     loc_ids = {id(p) for p in loc}
     rest = [p for p in model.parameters() if id(p) not in loc_ids]
     groups = [{"params": rest, "lr": cfg.lr}]
     if loc:
         groups.append({"params": loc, "lr": cfg.lr * cfg.loc_lr_scale})
-    return torch.optim.Adam(groups)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use sgd or adam")
+
+
+def lr_factor(cfg: ReproduceConfig, step: int, total_steps: int) -> float:
+    """Learning-rate multiplier at optimiser step ``step`` of ``total_steps``.
+
+    ``step``: divided by ``lr_divisor`` at each of ``lr_drops`` (fractions of the run; the paper
+    protocol's 1/3, 2/3 of 150 000 are the authors' 50 000 and 100 000 iterations); ``cosine``:
+    ``0.5 (1 + cos(pi step / total))``.
+    """
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * step / total_steps))
+    if cfg.schedule == "step":
+        drops = sum(step >= round(f * total_steps) for f in cfg.lr_drops)
+        return cfg.lr_divisor ** (-drops)
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; use step or cosine")
 
 
 def _to_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -344,6 +417,49 @@ def test_error_pct(model: STNClassifier, inputs: torch.Tensor, labels: torch.Ten
     return 100.0 * wrong / inputs.shape[0]
 
 
+def rotation_tracking_r(predicted: np.ndarray, angles_deg) -> float:
+    """Pearson r between applied and predicted angles over all (angle, digit) pairs.
+
+    Args:
+        predicted: ``(A, N)`` predicted angles, as from :func:`predicted_rotation_angles`.
+        angles_deg: ``(A,)`` applied angles.
+
+    Returns:
+        r in [-1, 1]; 0 when the prediction does not vary at all (a collapsed localisation net).
+    """
+    applied = np.repeat(np.asarray(angles_deg, dtype=np.float64)[:, None], predicted.shape[1], axis=1)
+    pred = predicted.astype(np.float64)
+    if pred.std() == 0 or applied.std() == 0:
+        return 0.0
+    return float(np.corrcoef(pred.ravel(), applied.ravel())[0, 1])
+
+
+def _checkpoint_path(checkpoint_dir: Path | None, name: str, seed: int) -> Path | None:
+    return None if checkpoint_dir is None else Path(checkpoint_dir) / f"{name}-seed{seed}.pt"
+
+
+def _save_checkpoint(path: Path, payload: dict) -> None:
+    """Atomic ``torch.save`` (write a sibling temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path, cfg: ReproduceConfig) -> dict | None:
+    """The checkpoint at ``path`` (tensors and plain data only: ``weights_only=True``), or ``None``."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is a user-facing error
+        raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it to start over") from None
+    same = lambda fp: json.dumps(fp, sort_keys=True)  # noqa: E731 - tuples and lists compare equal
+    if same(state.get("fingerprint")) != same(cfg.fingerprint()):
+        raise ValueError(f"{path}: checkpoint of a different configuration; delete it or use another --out")
+    return state
+
+
 def train_network(
     name: str,
     seed: int,
@@ -353,31 +469,60 @@ def train_network(
     test_labels: torch.Tensor,
     device: torch.device,
     console: Console,
+    checkpoint_dir: Path | None = None,
+    probe_digits: torch.Tensor | None = None,
+    model: STNClassifier | None = None,
 ) -> tuple[RunResult, STNClassifier]:
-    """Train one network from scratch with ``seed`` and score it on the prepared test set."""
+    """Train one network from scratch with ``seed`` (or resume it) and score it on the test set.
+
+    Args:
+        checkpoint_dir: where ``<name>-seed<k>.pt`` is written after every epoch; an existing
+            one (same configuration) is resumed, a finished one is loaded without training.
+        probe_digits: uint8 ``(N, 1, 28, 28)`` unrotated digits; for an STN on ``mnist-rot``
+            every epoch's log gets ``rotation_r``, the Pearson r of the Figure-3 angles.
+        model: train this (freshly built) network instead of ``build_network(name, ...)``.
+
+    Returns:
+        the run's result (with per-epoch ``epochs_log``) and the trained model.
+    """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(1000 + seed)  # data order + augmentation
-    model = build_network(name, cfg.experiment).to(device)
+    model = (model if model is not None else build_network(name, cfg.experiment)).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
         model.channels_last = True
     optimizer = _make_optimizer(model, cfg)
     n = train.images.shape[0]
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = cfg.total_steps(n)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    step, log, start = 0, [], time.perf_counter()
-    for epoch in range(cfg.epochs):
+    step, log, trained_seconds = 0, [], 0.0
+    ckpt_path = _checkpoint_path(checkpoint_dir, name, seed)
+    state = _load_checkpoint(ckpt_path, cfg)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        if state.get("result") is not None:  # finished earlier: nothing to train
+            console.log(f"{cfg.experiment} {name} seed {seed}: loaded finished run from {ckpt_path}")
+            return RunResult(**state["result"]), model
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        step, log, trained_seconds = state["step"], list(state["log"]), state["seconds"]
+        console.log(f"{cfg.experiment} {name} seed {seed}: resuming at step {step}/{total_steps}")
+    track = probe_digits is not None and model.transformer is not None and cfg.experiment == "mnist-rot"
+    epoch = len(log)
+    while step < total_steps:
+        start = time.perf_counter()
         model.train()
         order = torch.randperm(n, generator=gen)
-        loss_sum = wrong = 0.0
+        loss_sum = wrong = seen = 0.0
         for i in range(0, n, cfg.batch_size):
+            if step >= total_steps:
+                break
             idx = order[i : i + cfg.batch_size]
             x = augment_batch(cfg.experiment, train.images[idx], gen, train.images)
             y = train.labels[idx].to(device)
-            # cosine annealing from lr to 0 over all steps
+            factor = lr_factor(cfg, step, total_steps)
             for g, lr0 in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = 0.5 * lr0 * (1 + math.cos(math.pi * step / total_steps))
+                g["lr"] = lr0 * factor
             logits = model(_to_input(x, device, cfg.channels_last))
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
@@ -386,21 +531,40 @@ def train_network(
             step += 1
             loss_sum += loss.item() * len(idx)
             wrong += (logits.argmax(1) != y).sum().item()
+            seen += len(idx)
+        trained_seconds += time.perf_counter() - start
+        epoch += 1
         entry = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / n,
-            "train_error_pct": 100.0 * wrong / n,
-            "seconds": time.perf_counter() - start,
+            "epoch": epoch,
+            "step": step,
+            "lr_factor": lr_factor(cfg, step - 1, total_steps),
+            "train_loss": loss_sum / seen,
+            "train_error_pct": 100.0 * wrong / seen,
+            "test_error_pct": test_error_pct(model, test_inputs, test_labels, device, cfg),
+            "seconds": trained_seconds,
         }
+        if track:
+            pred = predicted_rotation_angles(model, probe_digits, cfg.figure_angles, device, cfg)
+            entry["rotation_r"] = rotation_tracking_r(pred, cfg.figure_angles)
         log.append(entry)
         console.log(
-            f"{cfg.experiment} {name} seed {seed} epoch {epoch + 1}/{cfg.epochs}: "
-            f"loss {entry['train_loss']:.4f}, train error {entry['train_error_pct']:.2f} % ({entry['seconds']:.0f} s)"
+            f"{cfg.experiment} {name} seed {seed} epoch {epoch} (step {step}/{total_steps}): "
+            f"loss {entry['train_loss']:.4f}, train error {entry['train_error_pct']:.2f} %, "
+            f"test error {entry['test_error_pct']:.2f} %"
+            + (f", rotation r {entry['rotation_r']:.3f}" if track else "")
+            + f" ({trained_seconds:.0f} s)"
         )
-    train_seconds = time.perf_counter() - start
-    err = test_error_pct(model, test_inputs, test_labels, device, cfg)
+        if ckpt_path is not None:
+            _save_checkpoint(ckpt_path, {
+                "fingerprint": cfg.fingerprint(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "generator": gen.get_state(), "step": step, "log": log, "seconds": trained_seconds, "result": None,
+            })
+    err = log[-1]["test_error_pct"] if log else test_error_pct(model, test_inputs, test_labels, device, cfg)
     console.log(f"[bold]{cfg.experiment} {name} seed {seed}: test error {err:.2f} %[/bold]")
-    return RunResult(name, seed, err, train_seconds, log[-1]["train_loss"] if log else float("nan"), log), model
+    result = RunResult(name, seed, err, trained_seconds, log[-1]["train_loss"] if log else float("nan"), log)
+    if ckpt_path is not None:
+        _save_checkpoint(ckpt_path, {"fingerprint": cfg.fingerprint(), "model": model.state_dict(), "result": asdict(result)})
+    return result, model
 
 
 @torch.no_grad()
@@ -449,6 +613,19 @@ def summarise(results: list[RunResult], names: tuple[str, ...]) -> dict[str, dic
     return out
 
 
+def optimiser_line(cfg: ReproduceConfig, n_train: int) -> str:
+    """One line stating optimiser, learning rates, schedule and length of a run."""
+    opt = f"SGD (momentum {cfg.momentum:g})" if cfg.optimizer == "sgd" else "Adam"
+    total = cfg.total_steps(n_train)
+    if cfg.schedule == "step":
+        drops = ", ".join(str(round(f * total)) for f in cfg.lr_drops) or "never"
+        sched = f"divided by {cfg.lr_divisor:g} at steps {drops}"
+    else:
+        sched = "cosine-annealed to 0 per step"
+    return (f"{opt}, lr {cfg.lr:g} {sched}, localisation lr x{cfg.loc_lr_scale:g}, batch {cfg.batch_size}, "
+            f"{total} steps per network ({total * cfg.batch_size / n_train:.1f} epochs of {n_train} images)")
+
+
 def protocol_lines(cfg: ReproduceConfig, n_train: int, n_test: int, device: torch.device) -> list[str]:
     """Human-readable statement of every protocol choice of this run."""
     data = {
@@ -463,8 +640,7 @@ def protocol_lines(cfg: ReproduceConfig, n_train: int, n_test: int, device: torc
         f"data: {data}",
         f"training images: {n_train}" + (f" (fixed random subset, seed {SUBSET_SEED})" if cfg.limit else " (all)"),
         f"test images: {n_test}",
-        f"optimiser: Adam, lr {cfg.lr} cosine-annealed to 0 per step, localisation lr x{cfg.loc_lr_scale}, "
-        f"batch {cfg.batch_size}, {cfg.epochs} epoch(s), seeds 0..{cfg.seeds - 1}",
+        f"protocol '{cfg.protocol}': " + optimiser_line(cfg, n_train) + f", seeds 0..{cfg.seeds - 1}",
         "networks: CNN conv9x9(64)-pool-ReLU-conv7x7(64)-pool-ReLU-FC10 (MNIST) / 8 conv3x3 blocks (SVHN); "
         "localisation conv5x5(20)-conv5x5(20)-FC20-affine (identity init); sampler padding "
         + ("zeros" if cfg.experiment == "svhn" else "border"),
@@ -473,7 +649,10 @@ def protocol_lines(cfg: ReproduceConfig, n_train: int, n_test: int, device: torc
     ]
 
 
-def write_results_markdown(path: Path, cfg: ReproduceConfig, summary: dict, protocol: list[str], wall: float) -> None:
+def write_results_markdown(
+    path: Path, cfg: ReproduceConfig, summary: dict, protocol: list[str], wall: float, figure3: dict | None = None,
+    train_seconds: float = float("nan"),
+) -> None:
     """Markdown table: our mean +- std test error next to the paper's figure."""
     paper = PAPER_ERROR_PCT[cfg.experiment]
     lines = [
@@ -493,67 +672,148 @@ def write_results_markdown(path: Path, cfg: ReproduceConfig, summary: dict, prot
         if cfg.experiment == "svhn" and name == "STN-C0":
             ref_s += " (= STN-SL0)"
         lines.append(f"| {name} | {s['mean']:.2f} ± {std} | {s['n']} | {per} | {ref_s} |")
+    if figure3:
+        lines += ["", "Figure 3 (seed 0): Pearson r between applied and predicted rotation over "
+                  f"{figure3['n_digits']} test digits x {len(figure3['applied_deg'])} angles: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in figure3["pearson_r"].items()) + "."]
     lines += ["", "## Protocol", ""] + [f"- {line}" for line in protocol]
-    lines += [f"- total wall time: {wall / 60:.1f} min", ""]
+    lines += [f"- training time (sum over runs, resumed runs included): {train_seconds / 60:.1f} min; "
+              f"wall time of the last invocation: {wall / 60:.1f} min", ""]
     path.write_text("\n".join(lines))
 
 
+def require_matplotlib():
+    """Import ``matplotlib.pyplot`` (Agg backend) or raise a one-line ``ValueError``."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError(
+            "the ICPR 2020 figures need matplotlib, which is not installed: pip install 'stn-align[plots]'"
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig, path: Path) -> None:
+    """Write ``fig`` to ``path`` atomically (temp file + rename) and close it."""
+    tmp = path.with_name(path.stem + ".part" + path.suffix)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    tmp.replace(path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def draw_figure3(path: Path, angles: list[float], predicted: dict[str, np.ndarray]) -> None:
-    """Predicted vs applied rotation angle (mean +- std over test digits), drawn with OpenCV.
+    """The paper's Figure 3: predicted vs applied rotation, one panel per network.
+
+    Each panel is a 2-D histogram over (applied angle, predicted angle) of every test digit, so
+    the per-digit spread is visible, plus the mean per applied angle and the line ``y = x`` that
+    a transformer exactly undoing the rotation would follow.
 
     Args:
         path: PNG to write.
-        angles: applied angles ``(A,)``.
-        predicted: network name -> ``(A, N)`` predicted angles.
+        angles: applied angles ``(A,)`` in degrees.
+        predicted: network name -> ``(A, N)`` predicted angles (:func:`predicted_rotation_angles`).
     """
-    import cv2
+    plt = require_matplotlib()
+    angles_arr = np.asarray(angles, dtype=np.float64)
+    step = float(np.min(np.diff(angles_arr))) if len(angles_arr) > 1 else 10.0
+    x_edges = np.concatenate([angles_arr - step / 2, angles_arr[-1:] + step / 2])
+    y_edges = np.arange(-180.0, 180.1, 5.0)
+    fig, axes = plt.subplots(1, len(predicted), figsize=(4.2 * len(predicted), 4.0), squeeze=False, sharey=True)
+    for ax, (name, pred) in zip(axes[0], predicted.items()):
+        applied = np.repeat(angles_arr[:, None], pred.shape[1], axis=1)
+        counts, _, _ = np.histogram2d(applied.ravel(), np.clip(pred.ravel(), -180, 180), [x_edges, y_edges])
+        frac = counts / counts.sum(axis=1, keepdims=True)
+        mesh = ax.pcolormesh(x_edges, y_edges, frac.T, cmap="Blues", vmin=0, vmax=max(frac.max(), 1e-9))
+        ax.plot(angles_arr, pred.mean(axis=1), "o-", color="tab:orange", ms=3, lw=1.5, label="mean")
+        ax.plot([-90, 90], [-90, 90], "--", color="0.3", lw=1, label="exact un-rotation")
+        ax.set_title(f"{name}  (r = {rotation_tracking_r(pred, angles):.2f})")
+        ax.set_xlabel("applied rotation (deg)")
+        ax.set_xlim(x_edges[0], x_edges[-1])
+        ax.set_ylim(-180, 180)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("predicted rotation (deg)")
+    axes[0][0].legend(loc="upper left", fontsize=8)
+    fig.colorbar(mesh, ax=axes[0].tolist(), shrink=0.8, label="fraction of digits per applied angle")
+    fig.suptitle(f"Predicted vs applied rotation, {pred.shape[1]} rotated MNIST test digits per angle", y=1.02)
+    _save_figure(fig, path)
 
-    w, h, left, right, top, bottom = 720, 540, 80, 30, 50, 70
-    img = np.full((h, w, 3), 255, np.uint8)
-    x_lo, x_hi = min(angles), max(angles)
-    y_lo, y_hi = -180.0, 180.0
 
-    def px(ax: float, ay: float) -> tuple[int, int]:
-        u = left + (ax - x_lo) / (x_hi - x_lo) * (w - left - right)
-        v = top + (y_hi - np.clip(ay, y_lo, y_hi)) / (y_hi - y_lo) * (h - top - bottom)
-        return int(round(u)), int(round(v))
+def draw_training_curves(path: Path, runs: list[RunResult]) -> None:
+    """Per-epoch train loss, test error and (STNs) rotation-tracking r of every run.
 
-    font, grey, black = cv2.FONT_HERSHEY_SIMPLEX, (200, 200, 200), (0, 0, 0)
-    for yt in range(-180, 181, 45):  # horizontal grid + y ticks
-        cv2.line(img, px(x_lo, yt), px(x_hi, yt), grey, 1)
-        cv2.putText(img, f"{yt}", (px(x_lo, yt)[0] - 45, px(x_lo, yt)[1] + 5), font, 0.45, black, 1, cv2.LINE_AA)
-    for xt in range(int(x_lo), int(x_hi) + 1, 30):  # vertical grid + x ticks
-        cv2.line(img, px(xt, y_lo), px(xt, y_hi), grey, 1)
-        cv2.putText(img, f"{xt}", (px(xt, y_lo)[0] - 12, px(xt, y_lo)[1] + 20), font, 0.45, black, 1, cv2.LINE_AA)
-    cv2.rectangle(img, px(x_lo, y_hi), px(x_hi, y_lo), black, 1)
-    # dashed y = x: the angle an STN that exactly undoes the rotation would predict
-    for a in np.arange(x_lo, x_hi, 6.0):
-        cv2.line(img, px(a, a), px(min(a + 3.0, x_hi), min(a + 3.0, x_hi)), (120, 120, 120), 1, cv2.LINE_AA)
-    colours = [(200, 80, 0), (0, 100, 230), (0, 160, 0), (160, 0, 160)]  # BGR
-    for k, (name, pred) in enumerate(predicted.items()):
-        colour = colours[k % len(colours)]
-        mean, std = pred.mean(axis=1), pred.std(axis=1)
-        band = [px(a, m + s) for a, m, s in zip(angles, mean, std)] + [
-            px(a, m - s) for a, m, s in reversed(list(zip(angles, mean, std)))
-        ]
-        overlay = img.copy()
-        cv2.fillPoly(overlay, [np.array(band, np.int32)], colour)
-        img = cv2.addWeighted(overlay, 0.15, img, 0.85, 0)
-        pts = np.array([px(a, m) for a, m in zip(angles, mean)], np.int32)
-        cv2.polylines(img, [pts], False, colour, 2, cv2.LINE_AA)
-        for p in pts:
-            cv2.circle(img, tuple(int(v) for v in p), 3, colour, -1, cv2.LINE_AA)
-        ly = top + 20 + 22 * k
-        cv2.line(img, (left + 15, ly), (left + 45, ly), colour, 2, cv2.LINE_AA)
-        cv2.putText(img, f"{name} (mean +- std)", (left + 52, ly + 5), font, 0.5, black, 1, cv2.LINE_AA)
-    ly = top + 20 + 22 * len(predicted)
-    cv2.line(img, (left + 15, ly), (left + 45, ly), (120, 120, 120), 1, cv2.LINE_AA)
-    cv2.putText(img, "exact un-rotation", (left + 52, ly + 5), font, 0.5, black, 1, cv2.LINE_AA)
-    cv2.putText(img, "Predicted vs applied rotation (MNIST-rot test digits)", (left, 30), font, 0.6, black, 1, cv2.LINE_AA)
-    cv2.putText(img, "applied rotation (deg)", (w // 2 - 90, h - 18), font, 0.5, black, 1, cv2.LINE_AA)
-    cv2.putText(img, "predicted (deg)", (5, top - 8), font, 0.45, black, 1, cv2.LINE_AA)
-    if not cv2.imwrite(str(path), img):
-        raise OSError(f"could not write {path}")
+    Args:
+        path: PNG to write.
+        runs: finished or partial runs with ``epochs_log`` entries.
+    """
+    plt = require_matplotlib()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    colours = {}
+    for run in runs:
+        if not run.epochs_log:
+            continue
+        colour = colours.setdefault(run.network, f"C{len(colours)}")
+        label = f"{run.network} s{run.seed}"
+        steps = [e["step"] if "step" in e else e["epoch"] for e in run.epochs_log]
+        axes[0].plot(steps, [e["train_loss"] for e in run.epochs_log], "-o", ms=2, color=colour, label=label)
+        if all("test_error_pct" in e for e in run.epochs_log):
+            axes[1].plot(steps, [e["test_error_pct"] for e in run.epochs_log], "-o", ms=2, color=colour, label=label)
+        if all("rotation_r" in e for e in run.epochs_log):
+            axes[2].plot(steps, [e["rotation_r"] for e in run.epochs_log], "-o", ms=2, color=colour, label=label)
+    axes[0].set_yscale("log")
+    for ax, title in zip(axes, ("train loss", "test error (%)", "rotation tracking: Pearson r")):
+        ax.set_title(title)
+        ax.set_xlabel("optimiser step")
+        ax.grid(alpha=0.3)
+    axes[1].set_ylim(bottom=0)
+    axes[2].axhline(0.9, color="0.4", ls="--", lw=1)
+    axes[2].set_ylim(-1, 1)
+    axes[0].legend(fontsize=7)
+    _save_figure(fig, path)
+
+
+@torch.no_grad()
+def draw_figure2(path: Path, models: dict[str, STNClassifier], digits: torch.Tensor, angles: tuple[float, ...], device, cfg) -> None:
+    """The paper's Figure 2: rotated test digits (top row) and what each transformer makes of them.
+
+    For an input-warping STN (C0, SLX) the row is its transformer's output image. STN-C1 warps
+    64 feature maps, not the image; its row shows the *input image* warped with the same
+    (normalised) ``theta``, i.e. the spatial part of what it does to its feature maps.
+
+    Args:
+        path: PNG to write.
+        models: row name -> trained mnist-rot STN.
+        digits: uint8 ``(1, 1, 28, 28)`` one unrotated test digit (or ``(K, ...)``: one per column).
+        angles: applied rotation per column.
+    """
+    plt = require_matplotlib()
+    mean, std = MNIST_NORM["mnist-rot"]
+    x0 = digits.float() / 255.0
+    if x0.shape[0] == 1:
+        x0 = x0.expand(len(angles), -1, -1, -1)
+    rotated = rotate_images(x0, torch.tensor(angles, dtype=torch.float32))
+    rows = {"input (rotated)": rotated}
+    for name, model in models.items():
+        model.eval()
+        _, theta = model.forward_with_theta(_to_input((rotated - mean) / std, device, cfg.channels_last))
+        rows[f"{name}" + (" (its theta on the image)" if model.placement == "feature" else " output")] = warp_with_theta(
+            rotated, theta.float().cpu(), padding_mode="zeros"
+        )
+    fig, axes = plt.subplots(len(rows), len(angles), figsize=(1.05 * len(angles), 1.25 * len(rows)), squeeze=False)
+    for r, (title, images) in enumerate(rows.items()):
+        for c in range(len(angles)):
+            ax = axes[r][c]
+            ax.imshow(images[c, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"{angles[c]:+.0f}°", fontsize=8)
+        axes[r][0].set_ylabel(title, rotation=0, ha="right", va="center", fontsize=8)
+    _save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------
@@ -582,7 +842,7 @@ def _prepare_test_inputs(experiment: str, test: Dataset, train: Dataset) -> torc
 def run_reproduce(
     experiment: str,
     data_dir: str | Path | None = None,
-    epochs: int = 3,
+    epochs: int | None = None,
     seeds: int = 3,
     device: str = "auto",
     out_dir: str | Path = "icpr2020-results",
@@ -591,30 +851,46 @@ def run_reproduce(
     test_limit: int | None = None,
     cache_dir: str | Path | None = None,
     threads: int | None = 1,
+    protocol: str = "short",
+    optimizer: str | None = None,
     lr: float | None = None,
-    loc_lr_scale: float = 1.0,
+    momentum: float | None = None,
+    loc_lr_scale: float | None = None,
     batch_size: int | None = None,
+    schedule: str | None = None,
+    lr_drops: tuple[float, ...] | None = None,
+    iterations: int | None = None,
     networks: tuple[str, ...] | None = None,
+    resume: bool = True,
+    figure_images: int = 200,
     console: Console | None = None,
 ) -> dict:
-    """Train the experiment's networks over ``seeds`` seeds; write results.md/.json (+ figure3.png).
+    """Train the experiment's networks over ``seeds`` seeds; write results, logs and figures.
+
+    Writes into ``out_dir``: ``results.md``, ``results.json`` (config, per-run per-epoch logs,
+    Figure-3 statistics), ``training_curves.png`` and, for ``mnist-rot``, ``figure3.png`` and
+    ``figure2.png``; checkpoints go to ``out_dir/checkpoints`` after every epoch, so an
+    interrupted run resumes where it stopped (``resume=False`` starts over).
 
     Args:
         experiment: ``"mnist-rot"``, ``"mnist-trans"`` or ``"svhn"``.
         data_dir: MNIST dir (four IDX ``.gz`` files, unpacked files, or a torchvision root) or
             SVHN dir (``train_32x32.mat``, ``test_32x32.mat``); default ``../shared/data/<name>``.
-        epochs: passes over the (possibly limited) training set.
+        epochs: passes over the (possibly limited) training set; ``None``: 3, or the protocol's
+            ``iterations`` for ``protocol="paper"``. Giving ``epochs`` overrides the iterations.
         seeds: number of seeds (0 .. seeds-1) per network.
         device: ``auto``, ``cpu`` or ``cuda``.
-        out_dir: where ``results.md``, ``results.json`` and (mnist-rot) ``figure3.png`` go.
+        out_dir: output folder.
         limit: number of training images (a fixed random subset) for quick runs.
         test_limit: number of test images (default all).
         cache_dir: where gzipped MNIST is unpacked (default ``~/.cache/stn-align``).
         threads: ``torch.set_num_threads`` value (``None`` leaves it alone).
-        lr, batch_size: Adam learning rate and batch size; ``None`` takes the experiment's
-            default from :data:`DEFAULT_OPTIMISER` (what docs/icpr2020 used).
-        loc_lr_scale: localisation-net learning rate / ``lr``.
+        protocol: ``"paper"`` (the authors' SGD schedule, :data:`PROTOCOLS`) or ``"short"``.
+        optimizer, lr, momentum, loc_lr_scale, batch_size, schedule, lr_drops, iterations:
+            override the protocol's value (``None`` keeps it).
         networks: subset of the experiment's networks (default all).
+        resume: continue from checkpoints in ``out_dir/checkpoints``.
+        figure_images: test digits behind Figure 3 and the per-epoch ``rotation_r``.
         console: rich console for progress.
 
     Returns:
@@ -622,27 +898,44 @@ def run_reproduce(
 
     Raises:
         ValueError / FileNotFoundError: with a one-line message for user errors (unknown
-        experiment, missing data, missing scipy for SVHN, bad arguments).
+        experiment or protocol, missing data, missing scipy / matplotlib, bad arguments).
     """
     if experiment not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {experiment!r}; choose one of {', '.join(EXPERIMENTS)}")
-    if epochs < 1 or seeds < 1 or (limit is not None and limit < 1):
-        raise ValueError("epochs, seeds and limit must be positive")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if (epochs is not None and epochs < 1) or seeds < 1 or (limit is not None and limit < 1) or (
+        iterations is not None and iterations < 1
+    ):
+        raise ValueError("epochs, iterations, seeds and limit must be positive")
     all_names = network_names(experiment)
     names = tuple(networks) if networks else all_names
     if unknown := [n for n in names if n not in all_names]:
         raise ValueError(f"unknown network(s) for {experiment}: {', '.join(unknown)}")
+    require_matplotlib()  # fail before hours of training, not after
     console = console or Console()
     if threads is not None:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
+    proto = PROTOCOLS[protocol]
     default_lr, default_batch = DEFAULT_OPTIMISER[experiment]
-    lr = default_lr if lr is None else lr
-    batch_size = default_batch if batch_size is None else batch_size
+    pick = lambda given, from_protocol, fallback: given if given is not None else (  # noqa: E731
+        from_protocol if from_protocol is not None else fallback)
+    if iterations is None and epochs is None:
+        iterations = proto.iterations
     cfg = ReproduceConfig(
-        experiment, epochs, seeds, limit, test_limit, batch_size, lr, loc_lr_scale, names,
-        threads=torch.get_num_threads(), channels_last=dev.type == "cpu",
+        experiment, epochs if epochs is not None else 3, seeds, limit, test_limit,
+        pick(batch_size, proto.batch_size, default_batch), pick(lr, proto.lr, default_lr),
+        pick(loc_lr_scale, proto.loc_lr_scale, 1.0), names,
+        threads=torch.get_num_threads(), channels_last=dev.type == "cpu", protocol=protocol,
+        optimizer=pick(optimizer, proto.optimizer, "adam"), momentum=pick(momentum, proto.momentum, 0.0),
+        schedule=pick(schedule, proto.schedule, "cosine"), lr_drops=tuple(pick(lr_drops, proto.lr_drops, ())),
+        lr_divisor=proto.lr_divisor, iterations=iterations if epochs is None else None, figure_images=figure_images,
     )
+    if cfg.optimizer not in ("sgd", "adam") or cfg.schedule not in ("step", "cosine"):
+        raise ValueError(f"optimizer must be sgd or adam and schedule step or cosine, got {cfg.optimizer!r}, {cfg.schedule!r}")
+    if any(not 0 < f < 1 for f in cfg.lr_drops):
+        raise ValueError(f"lr drops are fractions of the run in (0, 1), got {cfg.lr_drops}")
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir(experiment)
     cache = Path(cache_dir) if cache_dir is not None else Path(os.environ.get("STN_ALIGN_CACHE", Path.home() / ".cache" / "stn-align"))
     train, test = load_svhn(data_dir) if experiment == "svhn" else load_mnist(data_dir, cache)
@@ -654,25 +947,35 @@ def run_reproduce(
     test_inputs = _prepare_test_inputs(experiment, test, train)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    protocol = protocol_lines(cfg, len(train.labels), len(test.labels), dev)
+    ckpt_dir = out / "checkpoints"
+    if not resume and ckpt_dir.is_dir():
+        shutil.rmtree(ckpt_dir)
+    protocol_text = protocol_lines(cfg, len(train.labels), len(test.labels), dev)
     console.rule(f"ICPR 2020 reproduction: {experiment}")
-    for line in protocol:
+    for line in protocol_text:
         console.print(f"  {line}")
 
+    probe = test.images[: cfg.figure_images] if experiment == "mnist-rot" else None
     results: list[RunResult] = []
     figure: dict[str, np.ndarray] = {}
+    figure2_models: dict[str, STNClassifier] = {}
     start = time.perf_counter()
     report: dict = {}
     for seed in range(seeds):
         for name in names:
-            run, model = train_network(name, seed, cfg, train, test_inputs, test.labels, dev, console)
+            run, model = train_network(name, seed, cfg, train, test_inputs, test.labels, dev, console, ckpt_dir, probe)
             results.append(run)
-            if experiment == "mnist-rot" and seed == 0 and name in ("STN-C1", "STN-SL1"):
-                digits = test.images[: cfg.figure_images]
-                figure[name] = predicted_rotation_angles(model, digits, cfg.figure_angles, dev, cfg)
-            report = _write_outputs(out, cfg, results, names, figure, protocol, time.perf_counter() - start)
+            if experiment == "mnist-rot" and seed == 0 and name != "CNN":
+                figure[name] = predicted_rotation_angles(model, probe, cfg.figure_angles, dev, cfg)
+                if name in ("STN-C1", "STN-SL1"):
+                    figure2_models[name] = model
+            report = _write_outputs(out, cfg, results, names, figure, protocol_text, time.perf_counter() - start)
+            if len(figure2_models) == 2 or (figure2_models and name == names[-1]):
+                order = ["STN-C1", "STN-SL1"]
+                draw_figure2(out / "figure2.png", {k: figure2_models[k] for k in order if k in figure2_models},
+                             test.images[FIGURE2_DIGIT : FIGURE2_DIGIT + 1], FIGURE2_ANGLES, dev, cfg)
     _print_table(console, report["summary"], PAPER_ERROR_PCT[experiment])
-    console.print(f"wrote {out / 'results.md'}, {out / 'results.json'}" + (f", {out / 'figure3.png'}" if figure else ""))
+    console.print(f"wrote {out / 'results.md'}, {out / 'results.json'} and figures in {out}")
     return report
 
 
@@ -684,6 +987,7 @@ def _write_outputs(out: Path, cfg, results, names, figure, protocol, wall) -> di
         "config": asdict(cfg),
         "protocol": protocol,
         "wall_seconds": wall,
+        "train_seconds_total": sum(r.train_seconds for r in results),
         "summary": summary,
         "paper_error_pct": PAPER_ERROR_PCT[cfg.experiment],
         "runs": [asdict(r) for r in results],
@@ -691,13 +995,21 @@ def _write_outputs(out: Path, cfg, results, names, figure, protocol, wall) -> di
     if figure:
         report["figure3"] = {
             "applied_deg": list(cfg.figure_angles),
+            "n_digits": cfg.figure_images,
+            "pearson_r": {k: rotation_tracking_r(v, cfg.figure_angles) for k, v in figure.items()},
             "predicted_deg_mean": {k: v.mean(axis=1).tolist() for k, v in figure.items()},
             "predicted_deg_std": {k: v.std(axis=1).tolist() for k, v in figure.items()},
-            "n_digits": cfg.figure_images,
+            "predicted_deg_p10_p50_p90": {
+                k: np.percentile(v, [10, 50, 90], axis=1).T.tolist() for k, v in figure.items()
+            },
         }
         draw_figure3(out / "figure3.png", list(cfg.figure_angles), figure)
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    write_results_markdown(out / "results.md", cfg, summary, protocol, wall)
+    draw_training_curves(out / "training_curves.png", results)
+    tmp = out / "results.json.part"
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out / "results.json")
+    write_results_markdown(out / "results.md", cfg, summary, protocol, wall, report.get("figure3"),
+                           sum(r.train_seconds for r in results))
     return report
 
 

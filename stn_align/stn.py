@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .geometry import homography_grid, sample
+
 Transform = Literal["affine", "projective"]
 Placement = Literal["none", "feature", "shared"]
 
@@ -76,7 +78,12 @@ def rotation_theta(angle_deg: torch.Tensor) -> torch.Tensor:
 
 
 def rotation_angle_deg(theta: torch.Tensor) -> torch.Tensor:
-    """Rotation angle (degrees) of the linear part of ``theta``: ``atan2(theta[1,0], theta[0,0])``.
+    """Rotation angle (degrees) of the linear part ``A`` of ``theta``: the rotation closest to ``A``.
+
+    ``atan2(A10 - A01, A00 + A11)`` is the angle of the rotation factor of ``A``'s polar
+    decomposition (``A = R S``, ``S`` symmetric) for ``det A > 0``. Unlike the angle of ``A``'s
+    first column, ``atan2(A10, A00)``, it is not moved by shear or anisotropic scale, which an
+    affine transformer is free to add.
 
     Args:
         theta: ``(B, 3, 3)`` (or ``(B, 2, 3)``) normalised transforms.
@@ -84,27 +91,7 @@ def rotation_angle_deg(theta: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(B,)`` angles in ``(-180, 180]``; ``rotation_angle_deg(rotation_theta(a)) == a``.
     """
-    return torch.rad2deg(torch.atan2(theta[:, 1, 0], theta[:, 0, 0]))
-
-
-def _homography_grid(theta: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
-    """Sampling grid of a projective ``theta``.
-
-    Args:
-        theta: ``(B, 3, 3)`` normalised homographies (output -> input).
-        out_hw: output size ``(H', W')``.
-
-    Returns:
-        ``(B, H', W', 2)`` input locations in ``[-1, 1]`` for ``F.grid_sample``.
-    """
-    b = theta.shape[0]
-    identity = torch.eye(2, 3, device=theta.device, dtype=theta.dtype).expand(b, 2, 3)
-    base = F.affine_grid(identity, [b, 1, *out_hw], align_corners=False)  # (B, H', W', 2)
-    base_h = torch.cat([base, torch.ones_like(base[..., :1])], dim=-1)  # (B, H', W', 3)
-    mapped = torch.einsum("bij,bhwj->bhwi", theta, base_h)  # (B, H', W', 3)
-    z = mapped[..., 2:]
-    z = torch.where(z.abs() < 1e-6, torch.full_like(z, 1e-6), z)  # keep the division finite
-    return mapped[..., :2] / z
+    return torch.rad2deg(torch.atan2(theta[:, 1, 0] - theta[:, 0, 1], theta[:, 0, 0] + theta[:, 1, 1]))
 
 
 def warp_with_theta(
@@ -121,20 +108,21 @@ def warp_with_theta(
         theta: ``(B, 3, 3)`` normalised output->input transforms (for ``affine`` only the top
             two rows are used).
         out_hw: output size ``(H', W')``; default ``(H, W)``.
-        transform: ``"affine"`` (``F.affine_grid``) or ``"projective"`` (homography grid).
-        padding_mode: ``F.grid_sample`` padding for samples outside the input.
+        transform: ``"affine"`` (``F.affine_grid``) or ``"projective"``
+            (:func:`stn_align.geometry.homography_grid`).
+        padding_mode: padding of :func:`stn_align.geometry.sample` for samples outside the input.
 
     Returns:
         ``(B, C, H', W')``.
     """
     out_hw = tuple(out_hw or x.shape[-2:])
-    if transform == "affine":
+    if transform == "affine":  # the affine grid is exact and cheaper than the homography path
         grid = F.affine_grid(theta[:, :2, :], [x.shape[0], x.shape[1], *out_hw], align_corners=False)
     elif transform == "projective":
-        grid = _homography_grid(theta, out_hw)
+        grid = homography_grid(theta, out_hw, align_corners=False)
     else:
         raise ValueError(f"unknown transform {transform!r}; use 'affine' or 'projective'")
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+    return sample(x, grid, padding_mode, align_corners=False)
 
 
 def _pixel_to_normalised(h: int, w: int, dtype=torch.float64) -> torch.Tensor:

@@ -9,6 +9,8 @@ held-out *photos* (split by file-name hash), reported as mean corner error in wo
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import signal
 import time
@@ -30,20 +32,22 @@ class TrainConfig:
     out: str
     transform: str = "projective"
     size: int = 128
+    architecture: str = "iterative"  # "iterative" (0.2) or "global" (0.1); see model.network
     steps: int = 20_000
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup: int = 300
     clip: float = 1.0
-    iterations: int = 2  # refinement rounds unrolled in training
-    gamma: float = 0.8  # loss weight of round k is gamma ** (iterations - 1 - k)
+    iterations: int | None = None  # rounds unrolled in training (None: 2 global rounds, 4 iterative updates)
+    gamma: float = 0.8  # loss weight of estimate k is gamma ** (estimates - 1 - k)
     p_crop: float = 0.5  # fraction of DeTone crop pairs (the rest: whole-image warps with fill)
     ranges: WarpRanges = field(default_factory=WarpRanges)
     photometric: bool = True
     val_fraction: float = 0.1
     val_pairs: int = 256
     eval_every: int = 1000
+    eval_every_seconds: float | None = None  # also validate when this much wall time passed (learning curves)
     checkpoint_every: int = 500
     log_every: int = 50  # loss history resolution
     stop_after: int | None = None  # stop (with a checkpoint) at this step, to continue later with resume
@@ -53,6 +57,7 @@ class TrainConfig:
     seed: int = 0
     resume: str | None = None
     init: str | None = None  # start from a model's weights (fine-tuning); head kept if shapes match
+    init_lr_scale: float = 1.0  # learning-rate factor of the weights taken from `init` (0 freezes them; new parts train at `lr`)
     max_photos: int | None = None
 
     def to_dict(self) -> dict:
@@ -110,16 +115,22 @@ def corner_loss(estimates: list[torch.Tensor], target: torch.Tensor, size: int, 
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Dataset whose item ``k`` is the whole batch of step ``k`` (so workers keep the order exactly)."""
+    """Dataset whose item ``k`` is the whole batch of step ``k`` (so workers keep the order exactly).
 
-    def __init__(self, sampler: PairSampler, photos: list[np.ndarray], groups, batch_size: int, steps: int):
+    With ``world`` ranks, rank ``r``'s step ``k`` is the sampler's step ``k * world + r``: every rank draws
+    different pairs, and one process (``world = 1``) draws exactly what it always did.
+    """
+
+    def __init__(self, sampler: PairSampler, photos: list[np.ndarray], groups, batch_size: int, steps: int,
+                 rank: int = 0, world: int = 1):
         self.sampler, self.photos, self.groups, self.batch_size, self.steps = sampler, photos, groups, batch_size, steps
+        self.rank, self.world = rank, world
 
     def __len__(self):
         return self.steps
 
     def __getitem__(self, step: int):
-        return self.sampler.batch(self.photos, step, self.batch_size, self.groups)
+        return self.sampler.batch(self.photos, step * self.world + self.rank, self.batch_size, self.groups)
 
 
 def make_validation_set(photos, groups, config: TrainConfig):
@@ -153,8 +164,19 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 def train(config: TrainConfig, log=print) -> dict:
-    """Train (or resume) a model as ``config`` says; writes ``config.out`` and its training state. Returns metadata."""
-    device = resolve_device(config.device)
+    """Train (or resume) a model as ``config`` says; writes ``config.out`` and its training state. Returns metadata.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every process trains its share of each batch; see :class:`Distributed`.
+    """
+    ddp = setup_distributed(config.device)
+    try:
+        return _train(config, log if ddp.main else (lambda *_: None), ddp)
+    finally:
+        ddp.close()
+
+
+def _train(config: TrainConfig, log, ddp: Distributed) -> dict:
+    device = ddp.device
     torch.manual_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -177,7 +199,10 @@ def train(config: TrainConfig, log=print) -> dict:
     log(f"photos: {len(train_photos)} train, {len(val_photos)} held out for validation")
 
     # Model and optimizer.
-    model = AlignerNet(ModelConfig(transform=config.transform, size=config.size)).to(device)
+    model = AlignerNet(ModelConfig(transform=config.transform, size=config.size, architecture=config.architecture,
+                                   iterations=3 if config.architecture == "global" else 6)).to(device)
+    unrolled = config.iterations or (2 if config.architecture == "global" else 4)
+    val_iterations = unrolled + 1 if config.architecture == "global" else model.config.iterations
     if config.init:
         from .align import resolve_model  # a shipped model's name or a path
 
@@ -194,36 +219,51 @@ def train(config: TrainConfig, log=print) -> dict:
                 shared[name] = value[: own[name].shape[0]]
         model.load_state_dict(shared, strict=False)
         log(f"initialised {len(shared)}/{len(own)} tensors from {config.init}")
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=config.lr
-    )
-    start, history, best = 0, [], None
+    initialised = set(shared) if config.init else set()
+    if config.init_lr_scale == 0:  # freeze what came from --init: only the new parts train (cheaper steps)
+        for name, param in model.named_parameters():
+            param.requires_grad_(name not in initialised)
+    groups = []  # (weight decay or not) x (taken from --init or new): the latter train at the full rate
+    for decays in (True, False):
+        for pretrained in (True, False):
+            params = [p for n, p in model.named_parameters()
+                      if (p.ndim > 1) == decays and (n in initialised) == pretrained and p.requires_grad]
+            if params:
+                groups.append({"params": params, "weight_decay": config.weight_decay if decays else 0.0,
+                               "lr_scale": config.init_lr_scale if pretrained else 1.0})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    start, history, curve, best = 0, [], [], None  # curve: [step, seconds, val mean px, val under 3 px]
     if config.resume:
         resume = Path(config.resume)
         resume = resume if resume.name.endswith(".state.safetensors") else state_path(resume)
         meta = load_training_state(resume, model, optimizer)
-        start, history = meta["step"], meta.get("history", [])
+        start, history, curve = meta["step"], meta.get("history", []), meta.get("curve", [])
         log(f"resumed from {resume} at step {start}")
+        if meta.get("training", {}).get("processes", 1) != ddp.world:
+            log(f"note: resuming with {ddp.world} processes, trained with {meta['training'].get('processes', 1)}: "
+                "the data from here on differs from an uninterrupted run")
     model.train()
+    net = ddp.wrap(model, config.seed)  # DistributedDataParallel under torchrun, else the model itself
 
     sampler = PairSampler(config.transform, config.size, config.ranges,
                           Photometric() if config.photometric else Photometric(0, 0, 0, 0, 0, 0, 0), config.p_crop, config.seed)
-    batches = StepBatches(sampler, train_photos, train_groups, config.batch_size, config.steps)
+    batches = StepBatches(sampler, train_photos, train_groups, ddp.share(config.batch_size), config.steps, ddp.rank, ddp.world)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(batches, range(start, config.steps)), batch_size=None, shuffle=False,
         num_workers=config.workers, prefetch_factor=4 if config.workers else None, persistent_workers=False,
     )
-    val = make_validation_set(val_photos, val_groups, config)
+    val = make_validation_set(val_photos, val_groups, config) if ddp.main else None  # rank 0 validates
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     info = lambda step, figures: {  # noqa: E731
         "step": step, "training": {"args": _jsonable(config.to_dict()), "data": data_summary, "device": str(device),
-                                   "parameters": parameter_count(model), "seconds": round(elapsed + time.time() - t0, 1)},
-        "validation": figures, "history": history,
+                                   "parameters": parameter_count(model), "seconds": round(elapsed + time.time() - t0, 1),
+                                   "processes": ddp.world},
+        "validation": figures, "history": history, "curve": curve,
     }
 
     def save(step: int, figures: dict | None) -> None:
+        if not ddp.main:  # rank 0 writes checkpoints
+            return
         meta = info(step, figures)
         save_training_state(state_path(config.out), model, optimizer, meta)
         save_model(config.out, model, {k: v for k, v in meta.items() if k != "step"})
@@ -235,27 +275,30 @@ def train(config: TrainConfig, log=print) -> dict:
 
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
     elapsed = 0.0 if not config.resume else meta.get("training", {}).get("seconds", 0.0)
-    t0 = time.time()
+    t0 = last_eval = time.time()
     step, figures, loss_avg = start, None, None
+    seen = hashlib.sha256()  # fingerprint of the pairs this process trained on (returned as pairs_sha256)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                        TimeElapsedColumn(), TimeRemainingColumn())
+                        TimeElapsedColumn(), TimeRemainingColumn(), disable=not ddp.main)
     try:
         with progress:
             task = progress.add_task("train", total=config.steps, completed=start, loss="-")
             for inputs, refs, mats in loader:
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(step, config)
+                    group["lr"] = learning_rate(step, config) * group.get("lr_scale", 1.0)
                 image_in, image_ref = to_tensor(inputs.numpy(), device), to_tensor(refs.numpy(), device)
                 target = normalized_targets(mats.numpy(), config.size).to(device)
                 with autocast:
-                    estimates = model(image_in, image_ref, config.iterations)
+                    estimates = net(image_in, image_ref, unrolled)
                 loss = corner_loss(estimates, target, config.size, config.gamma)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
                 optimizer.step()
+                loss = ddp.average(loss)  # the global batch's loss, for the log and history
+                seen.update(mats.numpy().tobytes())
                 step += 1
                 loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
                 progress.update(task, completed=step, loss=f"{loss_avg:.2f}px")
@@ -264,8 +307,12 @@ def train(config: TrainConfig, log=print) -> dict:
                 if step % 50 == 0 and not progress.console.is_terminal:
                     log(f"step {step}/{config.steps} loss {loss_avg:.2f}px lr {learning_rate(step, config):.2e} "
                         f"{(time.time() - t0) / max(1, step - start):.2f}s/step")
-                if val is not None and (step % config.eval_every == 0 or step == config.steps):
-                    figures = evaluate(model, val, device, config.iterations + 1)
+                due = config.eval_every_seconds and time.time() - last_eval >= config.eval_every_seconds
+                if val is not None and (step % config.eval_every == 0 or step == config.steps or due):
+                    figures = evaluate(model, val, device, val_iterations)
+                    last_eval = time.time()
+                    curve.append([step, round(elapsed + last_eval - t0, 1), round(figures["mean_px"], 4),
+                                  round(figures["under_3px"], 4)])
                     log(f"step {step}: val mean {figures['mean_px']:.2f}px, <1px {figures['under_1px']:.1%}, "
                         f"<3px {figures['under_3px']:.1%}")
                 if step % config.checkpoint_every == 0 or step == config.steps or step == config.stop_after:
@@ -274,7 +321,8 @@ def train(config: TrainConfig, log=print) -> dict:
                     break
     except KeyboardInterrupt:
         interrupted = True
-        save(step, figures)
+        with _signals_held():  # a second Ctrl-C, or torchrun forwarding it, must not cut the checkpoint short
+            save(step, figures)
         log(f"interrupted: checkpoint saved at step {step}; continue with --resume {config.out}")
     finally:
         if previous_handler is not None:
@@ -283,13 +331,27 @@ def train(config: TrainConfig, log=print) -> dict:
         raise KeyboardInterrupt
     if start >= config.steps:
         save(step, figures)
-    return info(step, figures)
+    return {**info(step, figures), "pairs_sha256": seen.hexdigest()}
 
 
 def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ignore SIGINT and SIGTERM inside the block (main thread only)."""
+    if not _main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def _jsonable(value):
@@ -302,3 +364,142 @@ def _jsonable(value):
 
 def config_with(config: TrainConfig, **changes) -> TrainConfig:
     return replace(config, **changes)
+
+
+# --- distributed data parallel (torchrun / --nproc) -----------------------------------------------------
+#
+# One process per device. The global batch is ``batch_size``, split evenly across the ranks: rank ``r`` of
+# ``N`` trains step ``k`` on the pairs of sampler step ``k * N + r`` (``batch_size / N`` of them), so the
+# data is a pure function of (seed, step, rank, N) and ``--resume`` with the same N is exact. Gradients
+# are averaged by DistributedDataParallel; rank 0 logs, validates and writes checkpoints. Plain
+# BatchNorm: each rank normalises its own share and the running statistics are rank 0's (DDP broadcasts
+# them at every forward pass); SyncBatchNorm would need CUDA and an all-reduce per layer and per round.
+
+
+@dataclass
+class Distributed:
+    """This process's place in a (possibly single-process) data-parallel run."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # this process created the process group (and destroys it)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, batch_size: int) -> int:
+        """This rank's pairs per step (the global batch divided by the number of ranks)."""
+        if batch_size % self.world:
+            raise ValueError(f"--batch-size {batch_size} is not divisible by the {self.world} processes")
+        return batch_size // self.world
+
+    def wrap(self, model: torch.nn.Module, seed: int) -> torch.nn.Module:
+        """DistributedDataParallel around ``model`` (itself when alone); per-rank torch seed for anything random."""
+        if self.world == 1:
+            return model
+        torch.manual_seed(int(np.random.SeedSequence([seed, self.rank]).generate_state(1)[0]))
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def average(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean of a scalar over the ranks (for logging the global loss)."""
+        if self.world == 1:
+            return value
+        value = value.detach().clone()
+        torch.distributed.all_reduce(value)
+        return value / self.world
+
+    def close(self) -> None:
+        if self.owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def setup_distributed(device: str) -> Distributed:
+    """Join the process group torchrun describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), if any.
+
+    gloo on CPU, nccl on CUDA with one GPU per local rank. Without torchrun: a single process on ``device``.
+    """
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(device)
+    if world == 1:
+        return Distributed(device=dev)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); use fewer processes")
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    owns = not torch.distributed.is_initialized()
+    if owns:
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Distributed(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size(), device=dev, owns_group=owns)
+
+
+def launch(config: TrainConfig, nproc: int) -> dict:
+    """Run :func:`train` in ``nproc`` local processes (what ``torchrun --standalone --nproc_per_node N`` does).
+
+    CPU runs give each process ``cpu_count // nproc`` threads unless ``config.threads`` says otherwise.
+    Returns rank 0's result (with ``"ranks"``: every rank's result, in rank order).
+    """
+    import logging
+    import os
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if nproc < 1:
+        raise ValueError("--nproc must be at least 1")
+    Distributed(world=nproc).share(config.batch_size)  # an uneven split fails here, before any process starts
+    if "WORLD_SIZE" in os.environ:
+        raise RuntimeError("--nproc inside torchrun: torchrun already started the processes")
+    if config.threads is None and resolve_device(config.device).type == "cpu":
+        config = replace(config, threads=max(1, (os.cpu_count() or 1) // nproc))
+    launch_config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                                 rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    # The agent's own logs (tracebacks of failed processes, signals) give way to one line here.
+    agent_logs = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+                  if name.startswith("torch.distributed.elastic")]
+    levels = [log.level for log in agent_logs]
+    for log in agent_logs:
+        log.setLevel(logging.CRITICAL)
+    try:
+        results = elastic_launch(launch_config, train)(config)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        raise RuntimeError(f"training process {rank} failed: {_last_line(failure.message)}") from None
+    except SignalException:  # Ctrl-C or SIGTERM: rank 0 has saved a checkpoint
+        raise KeyboardInterrupt from None
+    finally:
+        for log, level in zip(agent_logs, levels):
+            log.setLevel(level)
+    ranks = [results[r] for r in sorted(results)]
+    return {**ranks[0], "ranks": ranks}
+
+
+def _last_line(message) -> str:
+    if isinstance(message, dict):  # an error file: {"message": ..., "extraInfo": {"py_callstack": ...}}
+        message = message.get("message", message)
+    lines = [line for line in str(message).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m stn_align.train`` (e.g. under ``torchrun``): the options of ``stn-align train``."""
+    import sys
+
+    import typer
+
+    from .cli import app
+
+    command = typer.main.get_command(app).commands["train"]
+    command.main(args=sys.argv[1:] if argv is None else argv, prog_name="python -m stn_align.train")
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import torch
 from typer.testing import CliRunner
 
 from stn_align.align import Aligner
-from stn_align.batch import MANIFEST_NAME, BatchError, align_directory, plan_pairs, read_manifest
+from stn_align.batch import LOCK_NAME, MANIFEST_NAME, BatchError, OutputLock, align_directory, plan_pairs, read_manifest
 from stn_align.checkpoint import save_model
 from stn_align.cli import app
 from stn_align.io import ImageError, read_image, write_image
@@ -245,7 +248,7 @@ def test_fail_on_suspect(tmp_path, model_file):
     put(src / "a.png", shifted(base_image(0)))
     ref = put(tmp_path / "ref.png", base_image(0))
     args = (src, "-o", tmp_path / "out", "--ref", ref, "--model", model_file, "--device", "cpu", "--refine", "none",
-            "--min-score", "0.999")
+            "--min-score", "0.999", "--fallback", "none")
     result = batch(*args)
     assert result.exit_code == 0 and "suspect 1" in summary_line(result)
     assert "a.png" in result.stderr  # suspects are named
@@ -330,3 +333,120 @@ def test_unreadable_input_dir_really(tmp_path, model_file):
         src.chmod(0o755)
     assert result.exit_code == 1
     assert f"error: {src}: permission denied" in result.stderr
+
+
+# -------------------------------------------------------------------------------- one writer per OUT_DIR
+
+
+def one_pair(tmp_path: Path) -> tuple[Path, Path, Path]:
+    src = tmp_path / "in"
+    put(src / "a.png", shifted(base_image(0)))
+    return src, put(tmp_path / "ref.png", base_image(0)), tmp_path / "out"
+
+
+def write_lock(out: Path, pid: int) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / LOCK_NAME
+    lock.write_text(f"{pid}\n{socket.gethostname()}\n")
+    return lock
+
+
+def test_a_live_lock_refuses_a_second_run_and_a_dead_one_is_taken_over(tmp_path, model_file):
+    src, ref, out = one_pair(tmp_path)
+    args = (src, "-o", out, "--ref", ref, "--model", model_file, "--device", "cpu", "--refine", "none")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])  # another live process
+    try:
+        lock = write_lock(out, holder.pid)
+        result = batch(*args)
+        assert result.exit_code == 1, result.output
+        assert "Traceback" not in result.output
+        [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert line.startswith(f"error: {lock}: ") and f"(pid {holder.pid})" in line
+        assert not (out / "a.png").exists() and not (out / MANIFEST_NAME).exists()  # no work done
+        assert lock.read_text().split()[0] == str(holder.pid)  # the other run's lock is left alone
+    finally:
+        holder.kill()
+        holder.wait()
+    # that process is gone (killed, its lock left behind): the next run takes the lock over
+    result = batch(*args)
+    assert result.exit_code == 0, result.output
+    assert summary_line(result).startswith("aligned 1, skipped 0, failed 0")
+    assert (out / "a.png").is_file() and not lock.exists()  # released at the end
+
+
+def test_the_lock_is_held_during_the_run_and_released_on_interrupt(tmp_path, model_file):
+    src, ref, out = one_pair(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = write_lock(out, dead.pid)  # a stale lock
+    aligner = Aligner.load(model_file, "cpu", refine="none")
+    holders = []
+
+    def on_progress(record: dict) -> None:
+        holders.append(lock.read_text().split()[0])
+        with pytest.raises(BatchError, match=f"{LOCK_NAME}: .*pid {os.getpid()}"):  # same process, same OUT_DIR
+            align_directory(aligner, src, out, ref=ref)
+
+    summary = align_directory(aligner, src, out, ref=ref, on_progress=on_progress)
+    assert summary.aligned == 1 and holders == [str(os.getpid())]
+    assert not lock.exists()
+
+    def interrupt(record: dict) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        align_directory(aligner, src, out, ref=ref, overwrite=True, on_progress=interrupt)
+    assert not lock.exists()
+    assert [r["input"] for r in manifest(out)] == ["a.png"]
+    with OutputLock(out) as held:  # free again
+        assert held.holder() == (os.getpid(), socket.gethostname())
+    assert not lock.exists()
+
+
+def test_engine_options(tmp_path, model_file, monkeypatch):
+    src, ref, out = one_pair(tmp_path)
+    common = (src, "-o", out, "--ref", ref, "--model", model_file, "--device", "cpu")
+    for extra, code, text in ((("--engine", "spark"), 2, "--engine must be local or ray"),
+                              (("--ray-address", "auto"), 2, "--ray-address needs --engine ray")):
+        result = batch(*common, *extra)
+        assert result.exit_code == code and text in result.stderr, result.output
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    result = batch(*common, "--engine", "ray")
+    assert result.exit_code == 1, result.output
+    [line] = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line.startswith("error: --engine ray needs Ray") and 'pip install "stn-align[ray]"' in line
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------- the warp on the network's device
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_full_resolution_warp_on_the_device_matches_opencv(device):
+    """Batch warps on the device that runs the network (kornia on CUDA); it must agree with OpenCV's warp,
+    which the manifest's matrices promise, within 1 grey level. ``cpu`` runs the same torch path on the CPU."""
+    from stn_align.align import _warp_torch, warp_image
+
+    rgb = base_image(1, (400, 300))
+    images = {"rgb": rgb, "gray": cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)[..., None],
+              "rgba": np.dstack([rgb, np.linspace(0, 255, 400, dtype=np.uint8)[None].repeat(300, 0)]),
+              "rgb16": rgb.astype(np.uint16) * 257}
+    matrix = np.array([[0.93, 0.08, 12.0], [-0.06, 1.04, -7.5], [2e-4, -1e-4, 1.0]])  # input -> reference pixels
+    size = (360, 280)
+    for name, image in images.items():
+        for fill in ("white", "black", "edge", "transparent", (10, 200, 30)):
+            expected = warp_image(image, matrix, size, fill)  # OpenCV
+            if device == "cuda":
+                got = warp_image(image, matrix, size, fill, torch.device("cuda"))
+            else:
+                src = image
+                if fill == "transparent":  # what warp_image does before choosing the path
+                    src = np.repeat(src, 3, axis=2) if src.shape[2] == 1 else src
+                    top = 65535 if src.dtype == np.uint16 else 255
+                    src = src if src.shape[2] == 4 else np.dstack([src, np.full(src.shape[:2], top, src.dtype)])
+                got = _warp_torch(src, matrix, size, fill, torch.device("cpu"))
+            assert got.shape == expected.shape and got.dtype == expected.dtype, (name, fill)
+            grey = 257 if image.dtype == np.uint16 else 1
+            diff = np.abs(got.astype(np.int64) - expected.astype(np.int64)).max()
+            assert diff <= grey, (name, fill, diff)

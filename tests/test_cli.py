@@ -144,7 +144,7 @@ def test_json_to_stdout(tmp_path, model_file):
     inp, ref = make_pair(tmp_path, "in.jpg", "ref.jpg")
     out = tmp_path / "sub" / "out.jpg"
     result = run("align", inp, "--ref", ref, "-o", out, "--model", model_file, "--device", "cpu", "--json", "-",
-                 "--refine", "none")
+                 "--refine", "none", "--fallback", "none")
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)  # stdout carries only the JSON; human output went to stderr
     assert record["output"] == str(out) and out.is_file()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -14,8 +15,9 @@ from typer.testing import CliRunner
 from stn_align import baselines
 from stn_align.checkpoint import save_model
 from stn_align.cli import app
-from stn_align.evaluate import (Pair, PairResult, Synthetic, load_pair_set, pair_error, roc_auc, save_pair_set, summarize,
-                                synthetic_pairs)
+from stn_align.align import Aligner
+from stn_align.evaluate import (Pair, PairResult, Synthetic, load_pair_set, model_methods, pair_error, roc_auc, run,
+                                save_pair_set, summarize, synthetic_pairs)
 from stn_align.geometry import corner_error
 from stn_align.io import read_image, write_image
 from stn_align.model import AlignerNet, ModelConfig
@@ -137,6 +139,50 @@ def test_baselines_recover_a_known_motion():
     assert baselines.orb(image_in, image_ref) is None or baselines.orb(image_in, image_ref).shape == (3, 3)
     assert baselines.sift(np.full((64, 64, 3), 255, np.uint8), np.full((64, 64, 3), 255, np.uint8)) is None
     assert np.array_equal(baselines.identity(image_in, image_ref), np.eye(3))
+
+
+@pytest.mark.parametrize("transform", ["projective", "affine"])
+def test_sift_on_shrunk_copies_returns_full_resolution_matrices(transform):
+    big_in = cv2.resize(textured(160, 200, 7), (600, 480), interpolation=cv2.INTER_CUBIC)
+    truth = np.array([[0.98, 0.05, 12.0], [-0.04, 1.01, -9.0], [0, 0, 1]], np.float64)
+    big_ref = cv2.warpPerspective(big_in, truth, (600, 480), borderMode=cv2.BORDER_REFLECT)
+    m = baselines.sift(big_in, big_ref, transform, max_side=300)
+    assert m is not None and corner_error(m, truth, (600, 480)) < 2.0
+    if transform == "affine":
+        assert np.array_equal(m[2], [0, 0, 1])
+
+
+class IdentityNet(torch.nn.Module):
+    """Stand-in for AlignerNet (same call surface) that always predicts the identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = SimpleNamespace(transform="projective", size=64)
+
+    def forward(self, image_in, image_ref, iterations=None, initial=None):
+        return [torch.eye(3).expand(image_in.shape[0], 3, 3)] * (iterations or 1)
+
+
+def test_model_methods_with_the_safety_net_report_method_and_firing():
+    """The +ecc+fallback variant records the winning path and whether the net fired; the others have no net."""
+    image = textured(120, 160, 4)
+    half_turn = np.array([[-1.0, 0, 159], [0, -1, 119], [0, 0, 1]])
+    turned = Pair("turned", image, cv2.warpPerspective(image, half_turn, (160, 120)), half_turn)
+    shift = np.array([[1.0, 0, 2], [0, 1, -1], [0, 0, 1]])
+    shifted = Pair("shifted", image, cv2.warpPerspective(image, shift, (160, 120), borderMode=cv2.BORDER_REFLECT), shift)
+    aligner = Aligner(model=IdentityNet(), device=torch.device("cpu"), name="fake")
+    methods = model_methods(aligner, ("none", "ecc"), fallbacks=("none", "features"))
+    assert [m.name for m in methods] == ["fake+none", "fake+ecc", "fake+none+fallback", "fake+ecc+fallback"]
+    results = run([shifted, turned], methods, warmup=False)
+    net = results["fake+ecc+fallback"]
+    assert [r.fired for r in net] == [False, True] and net[0].method == "network+ecc"
+    assert net[1].method.split("+")[0] in ("rotated", "features") and net[1].error < 1.0
+    assert results["fake+ecc"][1].fired is None and results["fake+ecc"][1].error > 50  # no net: stays wrong
+    assert aligner.refine == "ecc" and aligner.fallback == "features"  # the variants restore the aligner's options
+    summary = summarize(net)["safety_net"]
+    assert summary["fired"] == 0.5 and summary["fallback_won"] == 0.5
+    assert summary["seconds_fired"] == net[1].seconds and summary["seconds_not_fired"] == net[0].seconds
+    assert sum(summary["methods"].values()) == 2 and "safety_net" not in summarize(results["fake+ecc"])
 
 
 def test_make_sheet_layout():

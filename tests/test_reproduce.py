@@ -8,13 +8,26 @@ import numpy as np
 import pytest
 import torch
 
+from rich.console import Console
+
 from stn_align.reproduce import (
+    MNIST_NORM,
+    PROTOCOLS,
+    Dataset,
+    ReproduceConfig,
     draw_figure3,
+    draw_training_curves,
+    lr_factor,
     prepare_mnist_root,
     rotate_images,
+    rotation_tracking_r,
     run_reproduce,
+    RunResult,
+    train_network,
     translate_with_clutter,
+    augment_batch,
 )
+from stn_align.stn import ConvBlockSpec, build_stn_c0
 
 torch.set_num_threads(1)
 
@@ -39,20 +52,59 @@ def test_prepare_mnist_root_from_gz_and_from_unpacked_root(cache_dir):
 
 
 @needs_mnist
-def test_smoke_run_mnist_rot_writes_table_plot_and_json(tmp_path, cache_dir):
-    report = run_reproduce(
-        "mnist-rot", MNIST_GZ, epochs=1, seeds=2, device="cpu", out_dir=tmp_path, limit=300,
-        test_limit=200, cache_dir=cache_dir,
-    )
+def test_smoke_run_mnist_rot_writes_table_plots_json_and_resumes(tmp_path, cache_dir):
+    kwargs = dict(epochs=1, seeds=2, device="cpu", out_dir=tmp_path, limit=300, test_limit=200, cache_dir=cache_dir,
+                  figure_images=20)
+    report = run_reproduce("mnist-rot", MNIST_GZ, **kwargs)
     assert set(report["summary"]) == {"CNN", "STN-C0", "STN-C1", "STN-SL1"}
     assert all(s["n"] == 2 for s in report["summary"].values())
     table = (tmp_path / "results.md").read_text()
     assert "| STN-SL1 |" in table and "0.98" in table  # ours next to the paper's figure
     data = json.loads((tmp_path / "results.json").read_text())
     assert len(data["runs"]) == 8 and data["config"]["limit"] == 300
-    assert set(data["figure3"]["predicted_deg_mean"]) == {"STN-C1", "STN-SL1"}
-    png = cv2.imread(str(tmp_path / "figure3.png"))
-    assert png is not None and png.shape[2] == 3
+    assert set(data["figure3"]["pearson_r"]) == {"STN-C0", "STN-C1", "STN-SL1"}
+    assert all("rotation_r" in e and "test_error_pct" in e for r in data["runs"] if r["network"] != "CNN"
+               for e in r["epochs_log"])
+    for png in ("figure3.png", "figure2.png", "training_curves.png"):
+        img = cv2.imread(str(tmp_path / png))
+        assert img is not None and img.shape[2] == 3 and min(img.shape[:2]) > 100
+    assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == 8
+    # a re-run resumes: every run is loaded from its finished checkpoint, same numbers
+    again = run_reproduce("mnist-rot", MNIST_GZ, **kwargs)
+    assert again["summary"] == report["summary"]
+    assert all(r["train_seconds"] == q["train_seconds"] for r, q in zip(again["runs"], report["runs"]))
+    # ... but not with another configuration
+    with pytest.raises(ValueError, match="different configuration"):
+        run_reproduce("mnist-rot", MNIST_GZ, **{**kwargs, "epochs": 2})
+
+
+@needs_mnist
+def test_paper_protocol_uses_the_authors_optimiser(tmp_path, cache_dir):
+    report = run_reproduce("mnist-rot", MNIST_GZ, seeds=1, device="cpu", out_dir=tmp_path, limit=64, test_limit=50,
+                           cache_dir=cache_dir, protocol="paper", iterations=3, networks=("STN-SL1",))
+    cfg = report["config"]
+    assert (cfg["optimizer"], cfg["lr"], cfg["momentum"], cfg["batch_size"]) == ("sgd", 0.01, 0.0, 256)
+    assert (cfg["schedule"], cfg["iterations"], cfg["loc_lr_scale"]) == ("step", 3, 1.0)
+    assert report["runs"][0]["epochs_log"][-1]["step"] == 3
+    assert "SGD (momentum 0)" in (tmp_path / "results.md").read_text()
+
+
+def test_paper_protocol_schedule_matches_the_authors_code():
+    paper = PROTOCOLS["paper"]
+    assert (paper.optimizer, paper.lr, paper.momentum, paper.batch_size, paper.iterations) == ("sgd", 0.01, 0.0, 256, 150_000)
+    cfg = ReproduceConfig("mnist-rot", schedule="step", lr_drops=paper.lr_drops, iterations=150_000)
+    # learntorch.py: lr x1, x0.1, x0.01 with a switch every 50 000 iterations
+    assert [lr_factor(cfg, s, 150_000) for s in (0, 49_999, 50_000, 99_999, 100_000, 149_999)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01])
+    cosine = ReproduceConfig("mnist-rot", schedule="cosine")
+    assert lr_factor(cosine, 0, 100) == 1 and lr_factor(cosine, 50, 100) == pytest.approx(0.5)
+
+
+def test_rotation_tracking_r():
+    angles = [-90.0, 0.0, 90.0]
+    assert rotation_tracking_r(np.array([[-85.0, -95], [2, -2], [88, 91]]), angles) > 0.99
+    assert rotation_tracking_r(np.full((3, 2), -0.32), angles) == 0.0  # a collapsed localisation net
+    assert rotation_tracking_r(np.array([[85.0, 95], [2, -2], [-88, -91]]), angles) < -0.99
 
 
 @needs_mnist
@@ -84,10 +136,26 @@ def test_rotate_and_translate_augmentations():
     assert canvas.shape == (1, 1, 60, 60) and canvas.max() <= 1.0 and canvas.sum() >= digit.sum()
 
 
-def test_draw_figure3(tmp_path):
+def test_draw_figure3_and_training_curves(tmp_path):
     angles = [-90.0, 0.0, 90.0]
-    draw_figure3(tmp_path / "f.png", angles, {"STN-SL1": np.array([[-80.0, -95], [0, 5], [85, 90]])})
-    assert cv2.imread(str(tmp_path / "f.png")).shape == (540, 720, 3)
+    draw_figure3(tmp_path / "f.png", angles, {"STN-SL1": np.array([[-80.0, -95], [0, 5], [85, 90]]),
+                                              "STN-C1": np.full((3, 2), -0.32)})
+    img = cv2.imread(str(tmp_path / "f.png"))
+    assert img is not None and img.shape[1] > img.shape[0] > 200
+    log = [{"epoch": 1, "step": 10, "train_loss": 1.0, "test_error_pct": 9.0, "rotation_r": 0.2},
+           {"epoch": 2, "step": 20, "train_loss": 0.5, "test_error_pct": 5.0, "rotation_r": 0.9}]
+    draw_training_curves(tmp_path / "c.png", [RunResult("STN-SL1", 0, 5.0, 1.0, 0.5, log)])
+    assert cv2.imread(str(tmp_path / "c.png")) is not None
+
+
+def test_missing_matplotlib_is_a_one_line_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    with pytest.raises(ValueError, match=r"need matplotlib.*stn-align\[plots\]") as info:
+        run_reproduce("mnist-rot", tmp_path, out_dir=tmp_path / "out")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()  # checked before any work
 
 
 def test_cli_reproduce_without_svhn_is_a_one_line_error(tmp_path):
@@ -98,3 +166,80 @@ def test_cli_reproduce_without_svhn_is_a_one_line_error(tmp_path):
     result = CliRunner().invoke(app, ["reproduce", "svhn", "--data", str(tmp_path)])
     assert result.exit_code == 1
     assert "SVHN must be supplied" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------
+# Does the transformer learn to undo a rotation? (issue 10)
+# --------------------------------------------------------------------------------------
+
+GLYPHS = "FLPR47GJ"
+
+
+def _glyph_set(copies: int, seed: int) -> Dataset:
+    """Eight asymmetric characters over a common underline, slightly varied, uint8 ``(N, 1, 28, 28)``.
+
+    The underline gives every class the same "up", so a transformer that un-rotates the input
+    predicts the same angle for all of them.
+    """
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for k, char in enumerate(GLYPHS):
+        for _ in range(copies):
+            img = np.zeros((28, 28), np.uint8)
+            scale, thickness = rng.uniform(0.7, 0.9), int(rng.integers(2, 4))
+            (w, h), _ = cv2.getTextSize(char, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+            dx, dy = rng.integers(-2, 3, 2)
+            cv2.putText(img, char, ((28 - w) // 2 + dx, (26 + h) // 2 + dy - 3), cv2.FONT_HERSHEY_SIMPLEX, scale, 255,
+                        thickness, cv2.LINE_AA)
+            cv2.line(img, (5, 24), (22, 24), 255, 2)
+            images.append(img)
+            labels.append(k)
+    return Dataset(torch.from_numpy(np.stack(images))[:, None].contiguous(), torch.tensor(labels))
+
+
+def _train_stn_c0_on_rotated_glyphs(cfg: ReproduceConfig) -> RunResult:
+    """STN-C0 (one-conv classifier) whose classifier first learns *upright* glyphs; then the
+    package's training loop trains it on glyphs rotated by U(-90, 90) with ``cfg``."""
+    torch.manual_seed(0)
+    train, test = _glyph_set(32, seed=0), _glyph_set(8, seed=1)
+    model = build_stn_c0((1, 28, 28), len(GLYPHS), blocks=(ConvBlockSpec(8, 5),))
+    mean, std = MNIST_NORM["mnist-rot"]
+    upright = (train.images.float() / 255 - mean) / std
+    opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith("transformer.")], 3e-3)
+    for _ in range(60):  # the classifier knows upright glyphs only
+        loss = torch.nn.functional.cross_entropy(model(upright), train.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    test_inputs = augment_batch("mnist-rot", test.images, torch.Generator().manual_seed(1))
+    run, _ = train_network("STN-C0", 0, cfg, train, test_inputs, test.labels, torch.device("cpu"), Console(quiet=True),
+                           probe_digits=test.images[::4], model=model)
+    return run
+
+
+#: Transformer-only training: the classifier's lr is 1e-3 x the localisation's.
+LEARNS = dict(optimizer="adam", lr=1e-6, loc_lr_scale=1000.0, batch_size=64, schedule="step", epochs=30,
+              figure_images=16)
+
+
+def test_stn_c0_learns_to_undo_rotation():
+    """After a short run STN-C0's predicted angle tracks the applied rotation (Figure 3's measure)."""
+    run = _train_stn_c0_on_rotated_glyphs(ReproduceConfig("mnist-rot", **LEARNS))
+    assert abs(run.epochs_log[-1]["rotation_r"]) >= 0.8
+    assert run.test_error_pct < 20  # and un-rotating is what lets the upright classifier work (64 % at epoch 1)
+
+
+def test_stn_c0_rotation_test_can_fail():
+    """The same run with a frozen transformer (localisation lr 0) does not track the rotation."""
+    run = _train_stn_c0_on_rotated_glyphs(ReproduceConfig("mnist-rot", **{**LEARNS, "loc_lr_scale": 0.0}))
+    assert abs(run.epochs_log[-1]["rotation_r"]) < 0.8
+
+
+def test_cli_reproduce_unknown_protocol_is_a_one_line_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from stn_align.cli import app
+
+    result = CliRunner().invoke(app, ["reproduce", "mnist-rot", "--protocol", "fast", "--data", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "unknown protocol 'fast'" in result.output and len(result.output.strip().splitlines()) == 1

@@ -64,6 +64,16 @@ def test_known_theta_matches_opencv(transform):
     assert rotation_angle_deg(rotation_theta(torch.tensor([30.0]))).item() == pytest.approx(30.0, abs=1e-4)
 
 
+def test_rotation_angle_ignores_symmetric_stretch():
+    """The read-out angle is the rotation factor of theta's polar decomposition, not its first column."""
+    angles = torch.tensor([-75.0, 30.0, 89.0])
+    stretch = torch.tensor([[1.4, 0.3, 0.0], [0.3, 0.7, 0.0], [0.0, 0.0, 1.0]])  # symmetric, positive definite
+    theta = rotation_theta(angles) @ stretch
+    torch.testing.assert_close(rotation_angle_deg(theta), angles, atol=1e-3, rtol=0)
+    first_column = torch.rad2deg(torch.atan2(theta[:, 1, 0], theta[:, 0, 0]))
+    assert (first_column - angles).abs().min() > 5  # the old read-out is pulled off by the stretch
+
+
 def test_gradients_reach_the_localisation_net():
     torch.manual_seed(0)
     model = build_stn_c0((1, 28, 28))
