@@ -20,7 +20,8 @@ numbers to the same path with ``.json``, and prints the tables. The report start
 the CLI default and SIFT + MAGSAC side by side, and says how often the CLI default's safety net fired,
 how often a fallback path won, and what it cost per pair.
 
-``--models`` takes shipped model names or checkpoint paths (``label=path`` to name one).
+``--models`` takes shipped model names or checkpoint paths (``label=path`` to name one; ``path@256`` runs an
+iterative model's update stage at a 256-px working size).
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def main(argv=None) -> int:
     pairs = make_pairs(photos, args.pairs, args.seed, args.settings)
     aligners = []
     for label, path in parse_models(args.models):
-        aligner = Aligner.load(path, device=args.device)
+        path, _, size = path.partition("@")  # path@256: an iterative model's update stage at another working size
+        aligner = Aligner.load(path, device=args.device, working_size=int(size) if size else None)
         aligners.append((label, aligner))
     baselines = [b for b in args.baselines.split(",") if b]
     labels = [label for label, _ in aligners]

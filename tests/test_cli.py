@@ -19,6 +19,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from stn_align import __version__
 from stn_align.checkpoint import save_model
 from stn_align.cli import app
 from stn_align.io import read_image, write_image
@@ -85,7 +86,7 @@ def test_help_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout, out.stdout[-500:]
-    for word in ("align", "batch", "models", "--ref-dir", "--fail-on-suspect", "stn-align 0.1.0"):
+    for word in ("align", "batch", "models", "--ref-dir", "--fail-on-suspect", f"stn-align {__version__}"):
         assert word in out.stdout
 
 
@@ -94,7 +95,7 @@ def test_help_and_version_in_process():
         result = run(*args)
         assert result.exit_code == 0, result.output
         assert "Usage" in result.output
-    assert run("--version").stdout.strip() == "stn-align 0.1.0"
+    assert run("--version").stdout.strip() == f"stn-align {__version__}"
     assert "batch" in run().output  # no arguments: help
 
 
