@@ -48,7 +48,10 @@ def main() -> None:
         cells = []
         for curve in curves:
             point = reached(curve, minute * 60)
-            cells.append("–" if point is None else f"{point[2]:.2f} ({point[0]}, {point[3]:.0%})")
+            if minute * 60 > curve[-1][1] + args.every * 60:
+                cells.append("(stopped)")
+            else:
+                cells.append("–" if point is None else f"{point[2]:.2f} ({point[0]}, {point[3]:.0%})")
         print(f"| {minute:g} min | " + " | ".join(cells) + " |")
         minute += args.every
     if args.json:
@@ -68,7 +71,6 @@ def main() -> None:
         ax.axvline(until, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("wall time (minutes)")
         ax.set_ylabel("validation mean corner error (px, 128-px frame)")
-        ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
         fig.tight_layout()

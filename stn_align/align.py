@@ -262,6 +262,8 @@ class Aligner:
         dev = resolve_device(device)
         path = resolve_model(model)
         net, meta = load_model(path, dev)
+        if options.get("working_size") is None:  # a model may recommend one (its card says why)
+            options["working_size"] = (meta.get("inference") or {}).get("working_size")
         name = path.name.removesuffix(".safetensors")
         aligner = cls(model=net, device=dev, metadata=meta, name=name, **options)
         aligner._check()

@@ -88,6 +88,7 @@ _WRITE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
 _MODEL_HELP = "Shipped model name (see 'stn-align models') or a .safetensors path. Default: picked by --transform."
 _TRANSFORM_HELP = "affine or projective: picks the shipped model of that kind ('affine' / 'default') when --model is not given."
 _ITERATIONS_HELP = "Network refinement: updates (iterative models) or warp-and-re-predict rounds (global models); default: the model's own."
+_WORKING_SIZE_HELP = "Iterative models: run the update stage at this size (multiple of 32; default: the model's own)."
 _DEVICE_HELP = "auto (CUDA when available), cpu or cuda."
 _FILL_HELP = "Border of the aligned image: white, black, edge, transparent (adds alpha) or R,G,B."
 _REFINE_HELP = "ecc: polish the network's estimate with OpenCV's ECC (kept only if it helps); none: network only."
@@ -195,6 +196,7 @@ def align_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
     transform: Optional[str] = typer.Option(None, "--transform", help=_TRANSFORM_HELP),
     iterations: Optional[int] = typer.Option(None, "--iterations", help=_ITERATIONS_HELP),
+    working_size: Optional[int] = typer.Option(None, "--working-size", help=_WORKING_SIZE_HELP),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     fill: str = typer.Option("white", "--fill", help=_FILL_HELP),
     refine: str = typer.Option("ecc", "--refine", help=_REFINE_HELP),
@@ -236,7 +238,7 @@ def align_command(
     mask_option = _infer_check_mask(mask)
     if preview is not None and preview.suffix.lower() not in _WRITE_SUFFIXES:
         fail(f"{preview}: unsupported preview format {preview.suffix or '(no suffix)'!r}", 2)
-    aligner = _infer_load(model, transform, device, diag, iterations=iterations, refine=refine, fill=fill,
+    aligner = _infer_load(model, transform, device, diag, iterations=iterations, working_size=working_size, refine=refine, fill=fill,
                           min_score=min_score, mask=mask_option, fallback=fallback)
     try:
         result = aligner.align(image_in, image_ref)
@@ -281,6 +283,7 @@ def batch_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
     transform: Optional[str] = typer.Option(None, "--transform", help=_TRANSFORM_HELP),
     iterations: Optional[int] = typer.Option(None, "--iterations", help=_ITERATIONS_HELP),
+    working_size: Optional[int] = typer.Option(None, "--working-size", help=_WORKING_SIZE_HELP),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     fill: str = typer.Option("white", "--fill", help=_FILL_HELP),
     refine: str = typer.Option("ecc", "--refine", help=_REFINE_HELP),
@@ -345,10 +348,10 @@ def batch_command(
     if engine == "ray":  # loaded here on the CPU; each actor moves it to its own device (--device)
         from rich.console import Console
 
-        aligner = _infer_load(model, transform, "cpu", Console(quiet=True), iterations=iterations, refine=refine,
+        aligner = _infer_load(model, transform, "cpu", Console(quiet=True), iterations=iterations, working_size=working_size, refine=refine,
                               fill=fill, min_score=min_score, mask=mask_option, fallback=fallback)
     else:
-        aligner = _infer_load(model, transform, device, diag, iterations=iterations, refine=refine, fill=fill,
+        aligner = _infer_load(model, transform, device, diag, iterations=iterations, working_size=working_size, refine=refine, fill=fill,
                               min_score=min_score, mask=mask_option, fallback=fallback)
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -276,7 +276,8 @@ def _train(config: TrainConfig, log, ddp: Distributed) -> dict:
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
     elapsed = 0.0 if not config.resume else meta.get("training", {}).get("seconds", 0.0)
     t0 = last_eval = time.time()
-    step, figures, loss_avg = start, None, None
+    step, loss_avg = start, None
+    figures = meta.get("validation") if config.resume else None  # until the next validation, keep the last
     seen = hashlib.sha256()  # fingerprint of the pairs this process trained on (returned as pairs_sha256)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
