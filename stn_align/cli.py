@@ -692,7 +692,9 @@ def reproduce_command(
         None, "--data", help="MNIST dir (the four IDX .gz files, unpacked files or a torchvision root) or SVHN dir "
         "(train_32x32.mat, test_32x32.mat; needs scipy). Default: ../shared/data/<mnist|svhn>."),
     protocol: str = typer.Option("short", "--protocol", help="paper: the authors' SGD lr 0.01, batch 256, 150 000 "
-                                 "iterations, lr /10 at 1/3 and 2/3; short: the CPU budget (Adam, cosine)."),
+                                 "iterations, lr /10 at 1/3 and 2/3; short: the first CPU budget (Adam, cosine); "
+                                 "curriculum: 20 CPU epochs in which the transformers learn to rotate (SGD momentum "
+                                 "0.9, lr 1e-3, localisation lr x10, rotations ramped over 3 epochs)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Passes over the training set (overrides "
                                          "--iterations; default 3, or the protocol's iterations)."),
     iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help="Optimiser steps per network."),
@@ -703,6 +705,9 @@ def reproduce_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Batch size (default: the protocol's)."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="step (lr / 10 at --lr-drops) or cosine."),
     lr_drops: Optional[str] = typer.Option(None, "--lr-drops", help="Comma-separated fractions of the run, e.g. 0.333,0.667."),
+    rotation_ramp: Optional[float] = typer.Option(None, "--rotation-ramp", min=0.0, help="mnist-rot curriculum (not in "
+                                                  "the paper): grow the largest training rotation 0 -> 90 deg over this "
+                                                  "many epochs (default: the protocol's; 0 = off)."),
     networks: Optional[str] = typer.Option(None, "--networks", help="Comma-separated subset, e.g. STN-SL1,STN-C0 (trained in that order)."),
     seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per network (0..N-1)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -721,7 +726,8 @@ def reproduce_command(
         run_reproduce(experiment, data, epochs=epochs, seeds=seeds, device=device, out_dir=out, limit=limit,
                       test_limit=test_limit, threads=threads, protocol=protocol, optimizer=optimizer, lr=lr,
                       momentum=momentum, loc_lr_scale=loc_lr_scale, batch_size=batch_size, schedule=schedule,
-                      lr_drops=drops, iterations=iterations, networks=nets, resume=resume)
+                      lr_drops=drops, iterations=iterations, rotation_ramp_epochs=rotation_ramp,
+                      networks=nets, resume=resume)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
 

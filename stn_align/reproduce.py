@@ -29,9 +29,11 @@ localisation net is ``localisation_features`` (two 5x5 convs with 20 filters + F
 by the identity-initialised affine regression; sampler padding ``border`` for MNIST, ``zeros``
 for SVHN (as in the authors' code). Training (:data:`PROTOCOLS`): ``paper`` = the authors' SGD
 (momentum 0), lr 0.01, batch 256, 150 000 iterations, lr / 10 at 1/3 and 2/3; ``short`` = a CPU
-budget (Adam, cosine-annealed, lr / batch per experiment in :data:`DEFAULT_OPTIMISER`); every
-value can be overridden. The localisation nets train at ``loc_lr_scale`` x lr. Checkpoints after
-every epoch make runs resumable. Why the transformers do not learn to rotate on a CPU budget:
+budget (Adam, cosine-annealed, lr / batch per experiment in :data:`DEFAULT_OPTIMISER`);
+``curriculum`` = 20 CPU epochs in which the transformers do learn to rotate (SGD momentum 0.9,
+localisation lr x10, training rotations ramped from 0 to 90 deg over 3 epochs); every value can
+be overridden. The localisation nets train at ``loc_lr_scale`` x lr. Checkpoints after every
+epoch make runs resumable. Why the other budgets do not make the transformers rotate:
 ``docs/icpr2020/README.md``.
 """
 
@@ -111,16 +113,22 @@ class TrainingProtocol:
     lr_drops: tuple[float, ...] = ()
     lr_divisor: float = 10.0
     iterations: int | None = None  # None: use epochs
+    epochs: int | None = None  # None: 3 (when iterations is None too)
+    rotation_ramp_epochs: float = 0.0  # mnist-rot curriculum, see ReproduceConfig.max_rotation_deg
 
 
 #: The protocols ``reproduce --protocol`` knows. ``paper`` = the defaults of the authors' code
 #: (``luuf/stn-placement``: ``stn/parser.py``, ``stn/learn.py``, ``stn/learntorch.py``): plain SGD
 #: (momentum 0), lr 0.01, batch 256, 150 000 iterations, every lr divided by 10 after 50 000 and
 #: 100 000 iterations, localisation lr multiplier 1. ``short`` = the earlier CPU budget (Adam,
-#: cosine), kept for comparison.
+#: cosine), kept for comparison. ``curriculum`` = what makes the transformers learn to rotate in 20
+#: CPU epochs (docs/icpr2020/README.md): SGD with momentum 0.9, classifier lr 1e-3 and localisation
+#: lr x10 (the authors' ``--loc-lr-multiplier``), batch 64, lr / 10 at 80 %, and training rotations
+#: growing from 0 to +-90 deg over the first 3 epochs (not in the paper).
 PROTOCOLS: dict[str, TrainingProtocol] = {
     "paper": TrainingProtocol("paper", "sgd", 0.01, 256, 0.0, 1.0, "step", (1 / 3, 2 / 3), 10.0, 150_000),
     "short": TrainingProtocol("short", "adam", None, None, 0.0, 1.0, "cosine"),
+    "curriculum": TrainingProtocol("curriculum", "sgd", 1e-3, 64, 0.9, 10.0, "step", (0.8,), 10.0, None, 20, 3.0),
 }
 
 TEST_SEED = 12345  # fixed augmentation of the test set
@@ -158,6 +166,7 @@ class ReproduceConfig:
     lr_drops: tuple[float, ...] = ()
     lr_divisor: float = 10.0
     iterations: int | None = None  # total optimiser steps per network; None = epochs x steps/epoch
+    rotation_ramp_epochs: float = 0.0  # mnist-rot: max rotation grows 0 -> 90 deg over these epochs (0: off)
 
     def total_steps(self, n_train: int) -> int:
         """Optimiser steps of one network for ``n_train`` training images."""
@@ -166,8 +175,14 @@ class ReproduceConfig:
     def fingerprint(self) -> dict:
         """The fields a checkpoint must agree on to be resumed."""
         keys = ("experiment", "limit", "batch_size", "lr", "loc_lr_scale", "optimizer", "momentum", "schedule",
-                "lr_drops", "lr_divisor", "epochs", "iterations")
+                "lr_drops", "lr_divisor", "epochs", "iterations", "rotation_ramp_epochs")
         return {k: getattr(self, k) for k in keys}
+
+    def max_rotation_deg(self, step: int, n_train: int) -> float:
+        """Largest training rotation at optimiser ``step``: 90 deg, or linearly 0 -> 90 deg over the
+        first ``rotation_ramp_epochs`` (a curriculum; not in the paper)."""
+        ramp_steps = self.rotation_ramp_epochs * math.ceil(n_train / self.batch_size)
+        return ROT_MAX_DEG if ramp_steps <= 0 else ROT_MAX_DEG * min(1.0, step / ramp_steps)
 
 
 @dataclass
@@ -308,7 +323,8 @@ def translate_with_clutter(digits: torch.Tensor, clutter_source: torch.Tensor, g
 
 
 def augment_batch(
-    experiment: str, images: torch.Tensor, gen: torch.Generator, clutter_source: torch.Tensor | None = None
+    experiment: str, images: torch.Tensor, gen: torch.Generator, clutter_source: torch.Tensor | None = None,
+    max_rotation_deg: float = ROT_MAX_DEG,
 ) -> torch.Tensor:
     """Apply the experiment's random transformation and normalisation.
 
@@ -317,13 +333,14 @@ def augment_batch(
         images: uint8 ``(B, C, H, W)``.
         gen: random generator (CPU).
         clutter_source: uint8 MNIST images for the translation clutter.
+        max_rotation_deg: ``mnist-rot`` angles are drawn from U(-max, max).
 
     Returns:
         float ``(B, C, H', W')`` network input.
     """
     x = images.float() / 255.0
     if experiment == "mnist-rot":
-        angles = (torch.rand(x.shape[0], generator=gen) * 2 - 1) * ROT_MAX_DEG
+        angles = (torch.rand(x.shape[0], generator=gen) * 2 - 1) * max_rotation_deg
         x = rotate_images(x, angles)
     elif experiment == "mnist-trans":
         x = translate_with_clutter(x, clutter_source, gen)
@@ -434,6 +451,23 @@ def rotation_tracking_r(predicted: np.ndarray, angles_deg) -> float:
     return float(np.corrcoef(pred.ravel(), applied.ravel())[0, 1])
 
 
+def rotation_slope(predicted: np.ndarray, angles_deg, max_abs_deg: float | None = None) -> float:
+    """Least-squares slope of predicted on applied angle: 1 = exact un-rotation, 0 = none.
+
+    Pearson r measures how consistently the angle is tracked; the slope measures how much of it.
+
+    Args:
+        predicted: ``(A, N)`` predicted angles, as from :func:`predicted_rotation_angles`.
+        angles_deg: ``(A,)`` applied angles.
+        max_abs_deg: use only applied angles with ``|angle| <= max_abs_deg``.
+    """
+    applied = np.asarray(angles_deg, dtype=np.float64)
+    keep = np.ones_like(applied, dtype=bool) if max_abs_deg is None else np.abs(applied) <= max_abs_deg
+    x = np.repeat(applied[keep][:, None], predicted.shape[1], axis=1).ravel()
+    y = predicted[keep].astype(np.float64).ravel()
+    return float(np.polyfit(x, y, 1)[0])
+
+
 def _checkpoint_path(checkpoint_dir: Path | None, name: str, seed: int) -> Path | None:
     return None if checkpoint_dir is None else Path(checkpoint_dir) / f"{name}-seed{seed}.pt"
 
@@ -455,7 +489,8 @@ def _load_checkpoint(path: Path, cfg: ReproduceConfig) -> dict | None:
     except Exception as err:  # noqa: BLE001 - any unreadable file is a user-facing error
         raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it to start over") from None
     same = lambda fp: json.dumps(fp, sort_keys=True)  # noqa: E731 - tuples and lists compare equal
-    if same(state.get("fingerprint")) != same(cfg.fingerprint()):
+    saved = {"rotation_ramp_epochs": 0.0, **(state.get("fingerprint") or {})}  # checkpoints from before the ramp
+    if same(saved) != same(cfg.fingerprint()):
         raise ValueError(f"{path}: checkpoint of a different configuration; delete it or use another --out")
     return state
 
@@ -518,7 +553,7 @@ def train_network(
             if step >= total_steps:
                 break
             idx = order[i : i + cfg.batch_size]
-            x = augment_batch(cfg.experiment, train.images[idx], gen, train.images)
+            x = augment_batch(cfg.experiment, train.images[idx], gen, train.images, cfg.max_rotation_deg(step, n))
             y = train.labels[idx].to(device)
             factor = lr_factor(cfg, step, total_steps)
             for g, lr0 in zip(optimizer.param_groups, base_lrs):
@@ -538,6 +573,7 @@ def train_network(
             "epoch": epoch,
             "step": step,
             "lr_factor": lr_factor(cfg, step - 1, total_steps),
+            "max_rotation_deg": cfg.max_rotation_deg(step - 1, n) if cfg.experiment == "mnist-rot" else None,
             "train_loss": loss_sum / seen,
             "train_error_pct": 100.0 * wrong / seen,
             "test_error_pct": test_error_pct(model, test_inputs, test_labels, device, cfg),
@@ -641,6 +677,9 @@ def protocol_lines(cfg: ReproduceConfig, n_train: int, n_test: int, device: torc
         f"training images: {n_train}" + (f" (fixed random subset, seed {SUBSET_SEED})" if cfg.limit else " (all)"),
         f"test images: {n_test}",
         f"protocol '{cfg.protocol}': " + optimiser_line(cfg, n_train) + f", seeds 0..{cfg.seeds - 1}",
+        *([f"rotation curriculum (not in the paper): training rotations U(-m, m) with m growing linearly "
+           f"0 -> 90 deg over the first {cfg.rotation_ramp_epochs:g} epochs, then 90 deg"]
+          if cfg.rotation_ramp_epochs > 0 else []),
         "networks: CNN conv9x9(64)-pool-ReLU-conv7x7(64)-pool-ReLU-FC10 (MNIST) / 8 conv3x3 blocks (SVHN); "
         "localisation conv5x5(20)-conv5x5(20)-FC20-affine (identity init); sampler padding "
         + ("zeros" if cfg.experiment == "svhn" else "border"),
@@ -675,7 +714,10 @@ def write_results_markdown(
     if figure3:
         lines += ["", "Figure 3 (seed 0): Pearson r between applied and predicted rotation over "
                   f"{figure3['n_digits']} test digits x {len(figure3['applied_deg'])} angles: "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in figure3["pearson_r"].items()) + "."]
+                  + ", ".join(f"{k} {v:.3f}" for k, v in figure3["pearson_r"].items()) + ". Slope of predicted on "
+                  "applied angle (1 = exact un-rotation), all angles / within +-60 deg: "
+                  + ", ".join(f"{k} {figure3['slope'][k]:.2f} / {figure3['slope_within_60_deg'][k]:.2f}"
+                              for k in figure3["pearson_r"]) + "."]
     lines += ["", "## Protocol", ""] + [f"- {line}" for line in protocol]
     lines += [f"- training time (sum over runs, resumed runs included): {train_seconds / 60:.1f} min; "
               f"wall time of the last invocation: {wall / 60:.1f} min", ""]
@@ -860,6 +902,7 @@ def run_reproduce(
     schedule: str | None = None,
     lr_drops: tuple[float, ...] | None = None,
     iterations: int | None = None,
+    rotation_ramp_epochs: float | None = None,
     networks: tuple[str, ...] | None = None,
     resume: bool = True,
     figure_images: int = 200,
@@ -877,7 +920,7 @@ def run_reproduce(
         data_dir: MNIST dir (four IDX ``.gz`` files, unpacked files, or a torchvision root) or
             SVHN dir (``train_32x32.mat``, ``test_32x32.mat``); default ``../shared/data/<name>``.
         epochs: passes over the (possibly limited) training set; ``None``: 3, or the protocol's
-            ``iterations`` for ``protocol="paper"``. Giving ``epochs`` overrides the iterations.
+            ``iterations`` / ``epochs`` (``paper``, ``curriculum``). Giving ``epochs`` overrides the iterations.
         seeds: number of seeds (0 .. seeds-1) per network.
         device: ``auto``, ``cpu`` or ``cuda``.
         out_dir: output folder.
@@ -885,9 +928,12 @@ def run_reproduce(
         test_limit: number of test images (default all).
         cache_dir: where gzipped MNIST is unpacked (default ``~/.cache/stn-align``).
         threads: ``torch.set_num_threads`` value (``None`` leaves it alone).
-        protocol: ``"paper"`` (the authors' SGD schedule, :data:`PROTOCOLS`) or ``"short"``.
+        protocol: ``"paper"`` (the authors' SGD schedule), ``"short"`` or ``"curriculum"`` (:data:`PROTOCOLS`).
         optimizer, lr, momentum, loc_lr_scale, batch_size, schedule, lr_drops, iterations:
             override the protocol's value (``None`` keeps it).
+        rotation_ramp_epochs: ``mnist-rot`` curriculum (not in the paper): the largest training
+            rotation grows linearly from 0 to 90 deg over this many epochs; 0 is off (``None``: the
+            protocol's; only ``curriculum`` has one).
         networks: subset of the experiment's networks (default all).
         resume: continue from checkpoints in ``out_dir/checkpoints``.
         figure_images: test digits behind Figure 3 and the per-epoch ``rotation_r``.
@@ -924,14 +970,18 @@ def run_reproduce(
     if iterations is None and epochs is None:
         iterations = proto.iterations
     cfg = ReproduceConfig(
-        experiment, epochs if epochs is not None else 3, seeds, limit, test_limit,
+        experiment, epochs if epochs is not None else (proto.epochs or 3), seeds, limit, test_limit,
         pick(batch_size, proto.batch_size, default_batch), pick(lr, proto.lr, default_lr),
         pick(loc_lr_scale, proto.loc_lr_scale, 1.0), names,
         threads=torch.get_num_threads(), channels_last=dev.type == "cpu", protocol=protocol,
         optimizer=pick(optimizer, proto.optimizer, "adam"), momentum=pick(momentum, proto.momentum, 0.0),
         schedule=pick(schedule, proto.schedule, "cosine"), lr_drops=tuple(pick(lr_drops, proto.lr_drops, ())),
         lr_divisor=proto.lr_divisor, iterations=iterations if epochs is None else None, figure_images=figure_images,
+        rotation_ramp_epochs=pick(rotation_ramp_epochs, proto.rotation_ramp_epochs if experiment == "mnist-rot" else 0.0, 0.0),
     )
+    ramp = cfg.rotation_ramp_epochs
+    if ramp < 0 or (ramp > 0 and experiment != "mnist-rot"):
+        raise ValueError(f"--rotation-ramp takes epochs >= 0 and applies to mnist-rot only, got {ramp:g}")
     if cfg.optimizer not in ("sgd", "adam") or cfg.schedule not in ("step", "cosine"):
         raise ValueError(f"optimizer must be sgd or adam and schedule step or cosine, got {cfg.optimizer!r}, {cfg.schedule!r}")
     if any(not 0 < f < 1 for f in cfg.lr_drops):
@@ -997,6 +1047,8 @@ def _write_outputs(out: Path, cfg, results, names, figure, protocol, wall) -> di
             "applied_deg": list(cfg.figure_angles),
             "n_digits": cfg.figure_images,
             "pearson_r": {k: rotation_tracking_r(v, cfg.figure_angles) for k, v in figure.items()},
+            "slope": {k: rotation_slope(v, cfg.figure_angles) for k, v in figure.items()},
+            "slope_within_60_deg": {k: rotation_slope(v, cfg.figure_angles, 60.0) for k, v in figure.items()},
             "predicted_deg_mean": {k: v.mean(axis=1).tolist() for k, v in figure.items()},
             "predicted_deg_std": {k: v.std(axis=1).tolist() for k, v in figure.items()},
             "predicted_deg_p10_p50_p90": {

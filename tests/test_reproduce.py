@@ -20,6 +20,7 @@ from stn_align.reproduce import (
     lr_factor,
     prepare_mnist_root,
     rotate_images,
+    rotation_slope,
     rotation_tracking_r,
     run_reproduce,
     RunResult,
@@ -63,6 +64,7 @@ def test_smoke_run_mnist_rot_writes_table_plots_json_and_resumes(tmp_path, cache
     data = json.loads((tmp_path / "results.json").read_text())
     assert len(data["runs"]) == 8 and data["config"]["limit"] == 300
     assert set(data["figure3"]["pearson_r"]) == {"STN-C0", "STN-C1", "STN-SL1"}
+    assert set(data["figure3"]["slope"]) == set(data["figure3"]["slope_within_60_deg"]) == {"STN-C0", "STN-C1", "STN-SL1"}
     assert all("rotation_r" in e and "test_error_pct" in e for r in data["runs"] if r["network"] != "CNN"
                for e in r["epochs_log"])
     for png in ("figure3.png", "figure2.png", "training_curves.png"):
@@ -98,6 +100,54 @@ def test_paper_protocol_schedule_matches_the_authors_code():
         [1, 1, 0.1, 0.1, 0.01, 0.01])
     cosine = ReproduceConfig("mnist-rot", schedule="cosine")
     assert lr_factor(cosine, 0, 100) == 1 and lr_factor(cosine, 50, 100) == pytest.approx(0.5)
+
+
+def test_rotation_ramp_grows_the_training_rotations_to_90_degrees():
+    cfg = ReproduceConfig("mnist-rot", batch_size=100, rotation_ramp_epochs=2)  # 10 steps per epoch of 1000
+    assert [cfg.max_rotation_deg(s, 1000) for s in (0, 5, 10, 20, 500)] == pytest.approx([0, 22.5, 45, 90, 90])
+    assert ReproduceConfig("mnist-rot").max_rotation_deg(0, 1000) == 90  # off by default: the paper's data
+    # the angles drawn stay inside the current range: a bar's extent shows its rotation
+    bar = torch.zeros(256, 1, 28, 28, dtype=torch.uint8)
+    bar[:, 0, 4:24, 13:15] = 255
+    mean, std = MNIST_NORM["mnist-rot"]
+    width = lambda x: ((x * std + mean) > 0.3).any(dim=2).sum(dim=(1, 2)).float()  # noqa: E731 - columns hit
+    small = width(augment_batch("mnist-rot", bar, torch.Generator().manual_seed(0), max_rotation_deg=5.0))
+    full = width(augment_batch("mnist-rot", bar, torch.Generator().manual_seed(0)))
+    assert small.max() <= 5 and full.max() >= 15
+
+
+def test_curriculum_protocol_values():
+    cur = PROTOCOLS["curriculum"]
+    assert (cur.optimizer, cur.lr, cur.momentum, cur.loc_lr_scale, cur.batch_size) == ("sgd", 1e-3, 0.9, 10.0, 64)
+    assert (cur.schedule, cur.lr_drops, cur.epochs, cur.rotation_ramp_epochs) == ("step", (0.8,), 20, 3.0)
+
+
+def test_rotation_ramp_is_recorded_and_part_of_the_checkpoint_fingerprint(tmp_path, cache_dir):
+    if not (MNIST_GZ / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("MNIST .gz files not available")
+    kwargs = dict(epochs=1, seeds=1, device="cpu", out_dir=tmp_path, limit=128, test_limit=50, cache_dir=cache_dir,
+                  figure_images=10, networks=("STN-C0",), batch_size=64)
+    report = run_reproduce("mnist-rot", MNIST_GZ, rotation_ramp_epochs=2, **kwargs)
+    assert report["config"]["rotation_ramp_epochs"] == 2
+    assert report["runs"][0]["epochs_log"][0]["max_rotation_deg"] == pytest.approx(22.5)  # step 1 of 4
+    assert any("rotation curriculum" in line for line in report["protocol"])
+    with pytest.raises(ValueError, match="different configuration"):
+        run_reproduce("mnist-rot", MNIST_GZ, **kwargs)
+    with pytest.raises(ValueError, match="mnist-rot only"):
+        run_reproduce("mnist-trans", MNIST_GZ, rotation_ramp_epochs=1, **{**kwargs, "out_dir": tmp_path / "t"})
+    # the curriculum protocol turns the ramp on by default
+    cur = run_reproduce("mnist-rot", MNIST_GZ, protocol="curriculum", **{**kwargs, "out_dir": tmp_path / "c"})
+    assert (cur["config"]["rotation_ramp_epochs"], cur["config"]["loc_lr_scale"], cur["config"]["epochs"]) == (3.0, 10.0, 1)
+
+
+def test_rotation_slope_measures_how_much_of_the_rotation_is_undone():
+    angles = [-90.0, -30.0, 0.0, 30.0, 90.0]
+    half = np.array([[a / 2 + d for d in (-5.0, 5.0)] for a in angles])  # half of every angle, +-5 deg noise
+    assert rotation_slope(half, angles) == pytest.approx(0.5)
+    saturated = np.array([[max(-40.0, min(40.0, a))] * 2 for a in angles])
+    assert rotation_slope(saturated, angles, max_abs_deg=30) == pytest.approx(1.0)
+    assert rotation_slope(saturated, angles) < 0.6
+    assert rotation_slope(np.full((5, 2), -0.32), angles) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_rotation_tracking_r():
