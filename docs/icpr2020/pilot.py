@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--loc-lr-scale", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="on the classifier's weights only")
     ap.add_argument("--steps", type=int, default=9000)
     ap.add_argument("--ramp", type=int, default=0, help="steps over which the rotation range grows 0 -> 90 deg (0: off)")
     ap.add_argument("--warm", type=int, default=0, help="steps of unrotated digits before the ramp")
@@ -59,8 +60,9 @@ def main() -> None:
     model = build_network(args.network, "mnist-rot")
     loc = list(model.transformer.parameters())
     loc_ids = {id(p) for p in loc}
-    groups = [{"params": [p for p in model.parameters() if id(p) not in loc_ids], "lr": args.lr},
-              {"params": loc, "lr": args.lr * args.loc_lr_scale}]
+    groups = [{"params": [p for p in model.parameters() if id(p) not in loc_ids], "lr": args.lr,
+               "weight_decay": args.weight_decay},
+              {"params": loc, "lr": args.lr * args.loc_lr_scale, "weight_decay": 0.0}]
     opt = torch.optim.Adam(groups) if args.optimizer == "adam" else torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
     cfg = ReproduceConfig("mnist-rot", channels_last=False)
     mean, std = MNIST_NORM["mnist-rot"]
