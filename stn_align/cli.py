@@ -694,7 +694,8 @@ def reproduce_command(
     protocol: str = typer.Option("short", "--protocol", help="paper: the authors' SGD lr 0.01, batch 256, 150 000 "
                                  "iterations, lr /10 at 1/3 and 2/3; short: the first CPU budget (Adam, cosine); "
                                  "curriculum: 20 CPU epochs in which the transformers learn to rotate (SGD momentum "
-                                 "0.9, lr 1e-3, localisation lr x10, rotations ramped over 3 epochs)."),
+                                 "0.9, lr 1e-3, localisation lr x10, rotations ramped over 3 epochs; on mnist-trans: x1, "
+                                 "no ramp)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Passes over the training set (overrides "
                                          "--iterations; default 3, or the protocol's iterations)."),
     iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help="Optimiser steps per network."),

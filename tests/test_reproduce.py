@@ -122,6 +122,16 @@ def test_curriculum_protocol_values():
     assert (cur.schedule, cur.lr_drops, cur.epochs, cur.rotation_ramp_epochs) == ("step", (0.8,), 20, 3.0)
 
 
+@needs_mnist
+def test_curriculum_on_translated_mnist_has_no_ramp_and_localisation_lr_x1(tmp_path, cache_dir):
+    kwargs = dict(seeds=1, device="cpu", limit=64, test_limit=50, cache_dir=cache_dir, protocol="curriculum",
+                  iterations=1, networks=("STN-C0",))
+    cfg = run_reproduce("mnist-trans", MNIST_GZ, out_dir=tmp_path / "a", **kwargs)["config"]
+    assert (cfg["loc_lr_scale"], cfg["rotation_ramp_epochs"], cfg["momentum"]) == (1.0, 0.0, 0.9)
+    cfg = run_reproduce("mnist-trans", MNIST_GZ, out_dir=tmp_path / "b", loc_lr_scale=10.0, **kwargs)["config"]
+    assert cfg["loc_lr_scale"] == 10.0  # an explicit value still wins
+
+
 def test_rotation_ramp_is_recorded_and_part_of_the_checkpoint_fingerprint(tmp_path, cache_dir):
     if not (MNIST_GZ / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("MNIST .gz files not available")
@@ -283,6 +293,22 @@ def test_stn_c0_rotation_test_can_fail():
     """The same run with a frozen transformer (localisation lr 0) does not track the rotation."""
     run = _train_stn_c0_on_rotated_glyphs(ReproduceConfig("mnist-rot", **{**LEARNS, "loc_lr_scale": 0.0}))
     assert abs(run.epochs_log[-1]["rotation_r"]) < 0.8
+
+
+@needs_mnist
+def test_cli_reproduce_logs_one_line_per_epoch_when_not_a_terminal(tmp_path, cache_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from stn_align.cli import app
+
+    monkeypatch.setenv("STN_ALIGN_CACHE", str(cache_dir))
+    monkeypatch.delenv("COLUMNS", raising=False)
+    result = CliRunner().invoke(app, ["reproduce", "mnist-rot", "--data", str(MNIST_GZ), "--networks", "CNN",
+                                      "--seeds", "1", "--iterations", "2", "--limit", "64", "--test-limit", "50",
+                                      "--device", "cpu", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = [ln for ln in result.output.splitlines() if "CNN seed 0 epoch 2 (step 2/2)" in ln]
+    assert len(lines) == 1 and "test error" in lines[0]  # a redirected log can be grepped
 
 
 def test_cli_reproduce_unknown_protocol_is_a_one_line_error(tmp_path):

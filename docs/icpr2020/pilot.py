@@ -27,6 +27,7 @@ from stn_align.reproduce import (
     rotate_images,
     rotation_tracking_r,
 )
+from stn_align.stn import ConvBlockSpec, build_stn_cx, build_stn_slx
 
 
 def dead_fraction(model, x: torch.Tensor) -> float:
@@ -49,6 +50,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=9000)
     ap.add_argument("--ramp", type=int, default=0, help="steps over which the rotation range grows 0 -> 90 deg (0: off)")
     ap.add_argument("--warm", type=int, default=0, help="steps of unrotated digits before the ramp")
+    ap.add_argument("--freeze", type=int, default=0,
+                    help="steps after --warm during which the classifier is frozen (lr 0): only the transformer learns")
+    ap.add_argument("--width", type=int, default=64, help="channels of both classifier conv blocks (paper: 64)")
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--data", type=Path, default=Path("../shared/data/mnist"))
     args = ap.parse_args()
@@ -57,7 +61,13 @@ def main() -> None:
     train, test = load_mnist(args.data, Path.home() / ".cache" / "stn-align")
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
-    model = build_network(args.network, "mnist-rot")
+    if args.width == 64:
+        model = build_network(args.network, "mnist-rot")
+    else:  # a narrower classifier (not the paper's): less room to absorb the residual rotation
+        blocks = (ConvBlockSpec(args.width, 9), ConvBlockSpec(args.width, 7))
+        depth = int(args.network[-1])
+        build = build_stn_slx if args.network.startswith("STN-SL") else build_stn_cx
+        model = build((1, 28, 28), depth, 10, blocks, padding_mode="border")
     loc = list(model.transformer.parameters())
     loc_ids = {id(p) for p in loc}
     groups = [{"params": [p for p in model.parameters() if id(p) not in loc_ids], "lr": args.lr,
@@ -69,6 +79,8 @@ def main() -> None:
     probe = test.images[:200]
     start, smooth = time.time(), None
     for step in range(args.steps):
+        frozen = args.warm <= step < args.warm + args.freeze
+        opt.param_groups[0]["lr"] = 0.0 if frozen else args.lr
         frac = 1.0 if args.ramp == 0 else min(1.0, max(0.0, (step - args.warm) / args.ramp))
         idx = torch.randint(0, train.images.shape[0], (args.batch_size,), generator=gen)
         angles = (torch.rand(args.batch_size, generator=gen) * 2 - 1) * ROT_MAX_DEG * frac
@@ -83,7 +95,7 @@ def main() -> None:
             x90 = (rotate_images(probe.float() / 255.0, torch.linspace(-90, 90, probe.shape[0])) - mean) / std
             print(f"step {step + 1} max rotation {ROT_MAX_DEG * frac:.0f} loss {smooth:.3f} "
                   f"r {rotation_tracking_r(pred, cfg.figure_angles):.3f} predicted std {pred.std():.1f} deg "
-                  f"dead {dead_fraction(model, x90):.2f} ({time.time() - start:.0f} s)", flush=True)
+                  f"dead {dead_fraction(model, x90):.2f}{' frozen' if frozen else ''} ({time.time() - start:.0f} s)", flush=True)
             model.train()
 
 
