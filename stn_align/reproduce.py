@@ -802,7 +802,8 @@ def draw_training_curves(path: Path, runs: list[RunResult]) -> None:
         runs: finished or partial runs with ``epochs_log`` entries.
     """
     plt = require_matplotlib()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    tracked = any(run.epochs_log and all("rotation_r" in e for e in run.epochs_log) for run in runs)
+    fig, axes = plt.subplots(1, 3 if tracked else 2, figsize=(14 if tracked else 9.5, 3.8))  # no r panel: translation
     colours = {}
     for run in runs:
         if not run.epochs_log:
@@ -813,7 +814,7 @@ def draw_training_curves(path: Path, runs: list[RunResult]) -> None:
         axes[0].plot(steps, [e["train_loss"] for e in run.epochs_log], "-o", ms=2, color=colour, label=label)
         if all("test_error_pct" in e for e in run.epochs_log):
             axes[1].plot(steps, [e["test_error_pct"] for e in run.epochs_log], "-o", ms=2, color=colour, label=label)
-        if all("rotation_r" in e for e in run.epochs_log):
+        if tracked and all("rotation_r" in e for e in run.epochs_log):
             axes[2].plot(steps, [e["rotation_r"] for e in run.epochs_log], "-o", ms=2, color=colour, label=label)
     axes[0].set_yscale("log")
     for ax, title in zip(axes, ("train loss", "test error (%)", "rotation tracking: Pearson r")):
@@ -821,8 +822,9 @@ def draw_training_curves(path: Path, runs: list[RunResult]) -> None:
         ax.set_xlabel("optimiser step")
         ax.grid(alpha=0.3)
     axes[1].set_ylim(bottom=0)
-    axes[2].axhline(0.9, color="0.4", ls="--", lw=1)
-    axes[2].set_ylim(-1, 1)
+    if tracked:
+        axes[2].axhline(0.9, color="0.4", ls="--", lw=1)
+        axes[2].set_ylim(-1, 1)
     axes[0].legend(fontsize=7)
     _save_figure(fig, path)
 

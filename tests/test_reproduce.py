@@ -205,7 +205,12 @@ def test_draw_figure3_and_training_curves(tmp_path):
     log = [{"epoch": 1, "step": 10, "train_loss": 1.0, "test_error_pct": 9.0, "rotation_r": 0.2},
            {"epoch": 2, "step": 20, "train_loss": 0.5, "test_error_pct": 5.0, "rotation_r": 0.9}]
     draw_training_curves(tmp_path / "c.png", [RunResult("STN-SL1", 0, 5.0, 1.0, 0.5, log)])
-    assert cv2.imread(str(tmp_path / "c.png")) is not None
+    with_r = cv2.imread(str(tmp_path / "c.png"))
+    assert with_r is not None
+    # translation runs have no rotation r: two panels, not an empty third one
+    no_r = [{k: v for k, v in e.items() if k != "rotation_r"} for e in log]
+    draw_training_curves(tmp_path / "t.png", [RunResult("STN-SL1", 0, 5.0, 1.0, 0.5, no_r)])
+    assert cv2.imread(str(tmp_path / "t.png")).shape[1] < 0.8 * with_r.shape[1]
 
 
 def test_missing_matplotlib_is_a_one_line_error(tmp_path, monkeypatch):
