@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("checkpoints", type=Path, help="a reproduce run's checkpoints folder")
     ap.add_argument("--data", type=Path, default=Path("../shared/data/mnist"))
     args = ap.parse_args()
+    missing = [n for n in ("STN-C0", "STN-SL1") if not (args.checkpoints / f"{n}-seed0.pt").is_file()]
+    if missing:
+        ap.error(f"{args.checkpoints}: no finished checkpoint of {', '.join(missing)} (<network>-seed0.pt)")
 
     torch.set_num_threads(1)
     _, test = load_mnist(args.data, Path.home() / ".cache" / "stn-align")

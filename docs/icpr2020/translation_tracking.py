@@ -25,6 +25,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("../shared/data/mnist"))
     ap.add_argument("--n", type=int, default=1000)
     args = ap.parse_args()
+    missing = [n for n in ("STN-C0", "STN-C1", "STN-SL1") if not (args.checkpoints / f"{n}-seed0.pt").is_file()]
+    if missing:
+        ap.error(f"{args.checkpoints}: no finished checkpoint of {', '.join(missing)} (<network>-seed0.pt)")
 
     _, test = load_mnist(args.data, Path.home() / ".cache" / "stn-align")
     digits = test.images[: args.n].float() / 255.0
