@@ -710,6 +710,9 @@ def reproduce_command(
                                                   "the paper): grow the largest training rotation 0 -> 90 deg over this "
                                                   "many epochs (default: the protocol's; 0 = off)."),
     networks: Optional[str] = typer.Option(None, "--networks", help="Comma-separated subset, e.g. STN-SL1,STN-C0 (trained in that order)."),
+    stop_after: Optional[int] = typer.Option(None, "--stop-after", min=1, help="End each network at this epoch of its "
+                                             "schedule and report it as it stands; a later call with a larger value "
+                                             "(or none) resumes the same run."),
     seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per network (0..N-1)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     out: Path = typer.Option(Path("icpr2020-results"), "--out", help="Output folder (results, figures, checkpoints/)."),
@@ -728,7 +731,7 @@ def reproduce_command(
                       test_limit=test_limit, threads=threads, protocol=protocol, optimizer=optimizer, lr=lr,
                       momentum=momentum, loc_lr_scale=loc_lr_scale, batch_size=batch_size, schedule=schedule,
                       lr_drops=drops, iterations=iterations, rotation_ramp_epochs=rotation_ramp,
-                      networks=nets, resume=resume)
+                      networks=nets, stop_after_epochs=stop_after, resume=resume)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
 

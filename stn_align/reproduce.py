@@ -170,6 +170,7 @@ class ReproduceConfig:
     lr_divisor: float = 10.0
     iterations: int | None = None  # total optimiser steps per network; None = epochs x steps/epoch
     rotation_ramp_epochs: float = 0.0  # mnist-rot: max rotation grows 0 -> 90 deg over these epochs (0: off)
+    stop_after_epochs: int | None = None  # end this call at that epoch of the schedule (not in the fingerprint)
 
     def total_steps(self, n_train: int) -> int:
         """Optimiser steps of one network for ``n_train`` training images."""
@@ -204,6 +205,8 @@ class RunResult:
     train_seconds: float
     final_train_loss: float
     epochs_log: list[dict] = field(default_factory=list)
+    steps: int = 0  # optimiser steps taken
+    total_steps: int = 0  # steps of the whole schedule; steps < total_steps: stopped early (--stop-after)
 
 
 # --------------------------------------------------------------------------------------
@@ -552,7 +555,8 @@ def train_network(
         _log(console, f"{cfg.experiment} {name} seed {seed}: resuming at step {step}/{total_steps}")
     track = probe_digits is not None and model.transformer is not None and cfg.experiment == "mnist-rot"
     epoch = len(log)
-    while step < total_steps:
+    stop = cfg.stop_after_epochs
+    while step < total_steps and (stop is None or epoch < stop):
         start = time.perf_counter()
         model.train()
         order = torch.randperm(n, generator=gen)
@@ -605,9 +609,12 @@ def train_network(
                 "generator": gen.get_state(), "step": step, "log": log, "seconds": trained_seconds, "result": None,
             })
     err = log[-1]["test_error_pct"] if log else test_error_pct(model, test_inputs, test_labels, device, cfg)
-    _log(console, f"[bold]{cfg.experiment} {name} seed {seed}: test error {err:.2f} %[/bold]")
-    result = RunResult(name, seed, err, trained_seconds, log[-1]["train_loss"] if log else float("nan"), log)
-    if ckpt_path is not None:
+    stopped = step < total_steps
+    _log(console, f"[bold]{cfg.experiment} {name} seed {seed}: test error {err:.2f} %[/bold]"
+         + (f" (stopped after epoch {epoch}, step {step}/{total_steps}; a later call resumes)" if stopped else ""))
+    result = RunResult(name, seed, err, trained_seconds, log[-1]["train_loss"] if log else float("nan"), log,
+                       step, total_steps)
+    if ckpt_path is not None and not stopped:
         _save_checkpoint(ckpt_path, {"fingerprint": cfg.fingerprint(), "model": model.state_dict(), "result": asdict(result)})
     return result, model
 
@@ -644,16 +651,20 @@ def predicted_rotation_angles(
 
 
 def summarise(results: list[RunResult], names: tuple[str, ...]) -> dict[str, dict]:
-    """Per network: mean and sample std (ddof=1) of the test error over seeds."""
+    """Per network: mean and sample std (ddof=1) of the test error over seeds, and the epochs
+    each seed trained (``stopped_early``: some seed ended before its schedule, ``--stop-after``)."""
     out = {}
     for name in names:
-        errs = [r.test_error_pct for r in results if r.network == name]
+        runs = [r for r in results if r.network == name]
+        errs = [r.test_error_pct for r in runs]
         if errs:
             out[name] = {
                 "mean": float(np.mean(errs)),
                 "std": float(np.std(errs, ddof=1)) if len(errs) > 1 else float("nan"),
                 "n": len(errs),
                 "per_seed": errs,
+                "epochs_per_seed": [len(r.epochs_log) for r in runs],
+                "stopped_early": any(r.steps < r.total_steps for r in runs),
             }
     return out
 
@@ -686,6 +697,11 @@ def protocol_lines(cfg: ReproduceConfig, n_train: int, n_test: int, device: torc
         f"training images: {n_train}" + (f" (fixed random subset, seed {SUBSET_SEED})" if cfg.limit else " (all)"),
         f"test images: {n_test}",
         f"protocol '{cfg.protocol}': " + optimiser_line(cfg, n_train) + f", seeds 0..{cfg.seeds - 1}",
+        *([f"--stop-after {cfg.stop_after_epochs}: each network trains at most to epoch {cfg.stop_after_epochs} of "
+           "the schedule (one already past it is reported as it stands; the table says where each stopped); the "
+           "learning rates follow the full run's schedule, so these are the run's results at that point, not those "
+           "of a shorter run"]
+          if cfg.stop_after_epochs else []),
         *([f"rotation curriculum (not in the paper): training rotations U(-m, m) with m growing linearly "
            f"0 -> 90 deg over the first {cfg.rotation_ramp_epochs:g} epochs, then 90 deg"]
           if cfg.rotation_ramp_epochs > 0 else []),
@@ -709,8 +725,8 @@ def write_results_markdown(
         "Test classification error (%), mean +- sample std over seeds; paper: Finnveden et al. "
         + ("Table 2 (different SVHN set-up)." if cfg.experiment == "svhn" else "Table 1."),
         "",
-        "| network | ours: error % (mean ± std) | seeds | per seed | paper error % |",
-        "|---|---|---|---|---|",
+        "| network | ours: error % (mean ± std) | seeds | per seed | epochs trained | paper error % |",
+        "|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
         std = "n/a" if math.isnan(s["std"]) else f"{s['std']:.2f}"
@@ -719,7 +735,8 @@ def write_results_markdown(
         ref_s = f"{ref:.2f}" if ref is not None else "-"
         if cfg.experiment == "svhn" and name == "STN-C0":
             ref_s += " (= STN-SL0)"
-        lines.append(f"| {name} | {s['mean']:.2f} ± {std} | {s['n']} | {per} | {ref_s} |")
+        epochs = ", ".join(str(e) for e in s.get("epochs_per_seed", [])) + (" (stopped early)" if s.get("stopped_early") else "")
+        lines.append(f"| {name} | {s['mean']:.2f} ± {std} | {s['n']} | {per} | {epochs} | {ref_s} |")
     if figure3:
         lines += ["", "Figure 3 (seed 0): Pearson r between applied and predicted rotation over "
                   f"{figure3['n_digits']} test digits x {len(figure3['applied_deg'])} angles: "
@@ -915,6 +932,7 @@ def run_reproduce(
     iterations: int | None = None,
     rotation_ramp_epochs: float | None = None,
     networks: tuple[str, ...] | None = None,
+    stop_after_epochs: int | None = None,
     resume: bool = True,
     figure_images: int = 200,
     console: Console | None = None,
@@ -946,6 +964,9 @@ def run_reproduce(
             rotation grows linearly from 0 to 90 deg over this many epochs; 0 is off (``None``: the
             protocol's; only ``curriculum`` has one).
         networks: subset of the experiment's networks (default all).
+        stop_after_epochs: end each network's training at this epoch of its schedule and report
+            it as it stands (a checkpoint already past it is reported as it is); the schedule stays
+            the full run's, so a later call with a larger value, or none, resumes the same run.
         resume: continue from checkpoints in ``out_dir/checkpoints``.
         figure_images: test digits behind Figure 3 and the per-epoch ``rotation_r``.
         console: rich console for progress.
@@ -963,8 +984,8 @@ def run_reproduce(
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     if (epochs is not None and epochs < 1) or seeds < 1 or (limit is not None and limit < 1) or (
         iterations is not None and iterations < 1
-    ):
-        raise ValueError("epochs, iterations, seeds and limit must be positive")
+    ) or (stop_after_epochs is not None and stop_after_epochs < 1):
+        raise ValueError("epochs, iterations, seeds, limit and --stop-after must be positive")
     all_names = network_names(experiment)
     names = tuple(networks) if networks else all_names
     if unknown := [n for n in names if n not in all_names]:
@@ -990,6 +1011,7 @@ def run_reproduce(
         schedule=pick(schedule, proto.schedule, "cosine"), lr_drops=tuple(pick(lr_drops, proto.lr_drops, ())),
         lr_divisor=proto.lr_divisor, iterations=iterations if epochs is None else None, figure_images=figure_images,
         rotation_ramp_epochs=pick(rotation_ramp_epochs, proto.rotation_ramp_epochs if experiment == "mnist-rot" else 0.0, 0.0),
+        stop_after_epochs=stop_after_epochs,
     )
     ramp = cfg.rotation_ramp_epochs
     if ramp < 0 or (ramp > 0 and experiment != "mnist-rot"):
@@ -1081,10 +1103,11 @@ def _print_table(console: Console, summary: dict, paper: dict[str, float]) -> No
     from rich.table import Table
 
     table = Table(title="test error (%)")
-    for col in ("network", "ours (mean ± std)", "seeds", "paper"):
+    for col in ("network", "ours (mean ± std)", "seeds", "epochs", "paper"):
         table.add_column(col)
     for name, s in summary.items():
         std = "n/a" if math.isnan(s["std"]) else f"{s['std']:.2f}"
         ref = paper.get(name)
-        table.add_row(name, f"{s['mean']:.2f} ± {std}", str(s["n"]), "-" if ref is None else f"{ref:.2f}")
+        epochs = ", ".join(str(e) for e in s["epochs_per_seed"]) + (" (stopped)" if s["stopped_early"] else "")
+        table.add_row(name, f"{s['mean']:.2f} ± {std}", str(s["n"]), epochs, "-" if ref is None else f"{ref:.2f}")
     console.print(table)

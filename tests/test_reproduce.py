@@ -81,6 +81,29 @@ def test_smoke_run_mnist_rot_writes_table_plots_json_and_resumes(tmp_path, cache
 
 
 @needs_mnist
+def test_stop_after_ends_a_run_early_and_a_later_call_resumes_it(tmp_path, cache_dir):
+    kwargs = dict(epochs=3, seeds=1, device="cpu", out_dir=tmp_path, limit=128, test_limit=50, cache_dir=cache_dir,
+                  figure_images=10, networks=("STN-C0",))
+    first = run_reproduce("mnist-rot", MNIST_GZ, stop_after_epochs=1, **kwargs)
+    run = first["runs"][0]
+    assert len(run["epochs_log"]) == 1 and run["steps"] == 2 and run["total_steps"] == 6
+    # the learning rate is the full 3-epoch schedule's, not that of a 1-epoch run
+    full = ReproduceConfig("mnist-rot", epochs=3, limit=128)
+    assert run["epochs_log"][0]["lr_factor"] == pytest.approx(lr_factor(full, 1, 6)) and lr_factor(full, 1, 6) > 0.5
+    assert first["summary"]["STN-C0"]["stopped_early"] and "figure3" in first
+    assert "stopped early" in (tmp_path / "results.md").read_text()
+    assert "--stop-after 1" in " ".join(first["protocol"])
+    second = run_reproduce("mnist-rot", MNIST_GZ, stop_after_epochs=2, **kwargs)
+    assert second["runs"][0]["epochs_log"][0] == run["epochs_log"][0]  # resumed, not restarted
+    assert len(second["runs"][0]["epochs_log"]) == 2
+    done = run_reproduce("mnist-rot", MNIST_GZ, **kwargs)
+    assert len(done["runs"][0]["epochs_log"]) == 3 and not done["summary"]["STN-C0"]["stopped_early"]
+    # a run already past the stop is reported as it is, never shortened
+    again = run_reproduce("mnist-rot", MNIST_GZ, stop_after_epochs=1, **kwargs)
+    assert again["runs"][0]["epochs_log"] == done["runs"][0]["epochs_log"]
+
+
+@needs_mnist
 def test_paper_protocol_uses_the_authors_optimiser(tmp_path, cache_dir):
     report = run_reproduce("mnist-rot", MNIST_GZ, seeds=1, device="cpu", out_dir=tmp_path, limit=64, test_limit=50,
                            cache_dir=cache_dir, protocol="paper", iterations=3, networks=("STN-SL1",))
