@@ -744,6 +744,8 @@ def write_results_markdown(
                   "applied angle (1 = exact un-rotation), all angles / within +-60 deg: "
                   + ", ".join(f"{k} {figure3['slope'][k]:.2f} / {figure3['slope_within_60_deg'][k]:.2f}"
                               for k in figure3["pearson_r"]) + "."]
+        for k, per_class in figure3.get("pearson_r_per_class", {}).items():
+            lines += ["", f"r per digit class, {k}: " + ", ".join(f"{d}: {r:.2f}" for d, r in per_class.items())]
     lines += ["", "## Protocol", ""] + [f"- {line}" for line in protocol]
     lines += [f"- training time (sum over runs, resumed runs included): {train_seconds / 60:.1f} min; "
               f"wall time of the last invocation: {wall / 60:.1f} min", ""]
@@ -1053,7 +1055,8 @@ def run_reproduce(
                 figure[name] = predicted_rotation_angles(model, probe, cfg.figure_angles, dev, cfg)
                 if name in ("STN-C1", "STN-SL1"):
                     figure2_models[name] = model
-            report = _write_outputs(out, cfg, results, names, figure, protocol_text, time.perf_counter() - start)
+            report = _write_outputs(out, cfg, results, names, figure, protocol_text, time.perf_counter() - start,
+                                    test.labels[: cfg.figure_images])
             if len(figure2_models) == 2 or (figure2_models and name == names[-1]):
                 order = ["STN-C1", "STN-SL1"]
                 draw_figure2(out / "figure2.png", {k: figure2_models[k] for k in order if k in figure2_models},
@@ -1063,8 +1066,12 @@ def run_reproduce(
     return report
 
 
-def _write_outputs(out: Path, cfg, results, names, figure, protocol, wall) -> dict:
-    """(Re)write all outputs; called after every run so partial results survive an interruption."""
+def _write_outputs(out: Path, cfg, results, names, figure, protocol, wall, figure_labels=None) -> dict:
+    """(Re)write all outputs; called after every run so partial results survive an interruption.
+
+    ``figure`` maps a network to its Figure-3 angles ``(A, N)``; ``figure_labels`` ``(N,)`` are the
+    classes of those N digits (for the per-class r).
+    """
     summary = summarise(results, names)
     report = {
         "paper": "Finnveden, Jansson & Lindeberg, ICPR 2020 (arXiv:2004.11678)",
@@ -1083,6 +1090,9 @@ def _write_outputs(out: Path, cfg, results, names, figure, protocol, wall) -> di
             "pearson_r": {k: rotation_tracking_r(v, cfg.figure_angles) for k, v in figure.items()},
             "slope": {k: rotation_slope(v, cfg.figure_angles) for k, v in figure.items()},
             "slope_within_60_deg": {k: rotation_slope(v, cfg.figure_angles, 60.0) for k, v in figure.items()},
+            "pearson_r_per_class": {} if figure_labels is None else {
+                k: {str(d): rotation_tracking_r(v[:, figure_labels.numpy() == d], cfg.figure_angles)
+                    for d in range(10) if (figure_labels == d).any()} for k, v in figure.items()},
             "predicted_deg_mean": {k: v.mean(axis=1).tolist() for k, v in figure.items()},
             "predicted_deg_std": {k: v.std(axis=1).tolist() for k, v in figure.items()},
             "predicted_deg_p10_p50_p90": {

@@ -65,6 +65,9 @@ def test_smoke_run_mnist_rot_writes_table_plots_json_and_resumes(tmp_path, cache
     assert len(data["runs"]) == 8 and data["config"]["limit"] == 300
     assert set(data["figure3"]["pearson_r"]) == {"STN-C0", "STN-C1", "STN-SL1"}
     assert set(data["figure3"]["slope"]) == set(data["figure3"]["slope_within_60_deg"]) == {"STN-C0", "STN-C1", "STN-SL1"}
+    per_class = data["figure3"]["pearson_r_per_class"]["STN-SL1"]
+    assert set(per_class) <= {str(d) for d in range(10)} and len(per_class) >= 5  # 20 digits, most classes
+    assert "r per digit class, STN-SL1:" in table
     assert all("rotation_r" in e and "test_error_pct" in e for r in data["runs"] if r["network"] != "CNN"
                for e in r["epochs_log"])
     for png in ("figure3.png", "figure2.png", "training_curves.png"):
