@@ -5,7 +5,7 @@ Trains the localisation net + regression layer of STN-C0 (``localisation_feature
 identity-initialised ``SpatialTransformer`` head) to output the rotation that undoes the applied
 one: MSE between theta's 2x2 linear part and ``rotation_theta(angle)``, on training digits rotated
 by U(-90, 90) deg. Every ``--eval-every`` steps it prints the Figure-3 r and slope (200 test digits
-x 19 angles), read out exactly as for the trained classifiers.
+x 19 angles), read out exactly as for the trained classifiers, and at the end r per digit class.
 
     python docs/icpr2020/supervised_angle.py --steps 4000
 """
@@ -67,6 +67,9 @@ def main() -> None:
                 ]).numpy()  # (A, N)
             print(f"step {step} loss {loss.item():.4f} r {rotation_tracking_r(pred, angles):.3f} "
                   f"slope {rotation_slope(pred, angles):.2f} ({time.time() - start:.0f} s)", flush=True)
+    labels = test.labels[:200].numpy()
+    print("r per digit class: " + ", ".join(f"{d}: {rotation_tracking_r(pred[:, labels == d], angles):.2f}"
+                                            for d in range(10)), flush=True)
 
 
 if __name__ == "__main__":
