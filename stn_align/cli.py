@@ -713,6 +713,8 @@ def reproduce_command(
     stop_after: Optional[int] = typer.Option(None, "--stop-after", min=1, help="End each network at this epoch of its "
                                              "schedule and report it as it stands; a later call with a larger value "
                                              "(or none) resumes the same run."),
+    report_only: bool = typer.Option(False, "--report-only", help="Train nothing: write results and figures from "
+                                     "the checkpoints in OUT as they stand (e.g. a long run part-way)."),
     seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per network (0..N-1)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     out: Path = typer.Option(Path("icpr2020-results"), "--out", help="Output folder (results, figures, checkpoints/)."),
@@ -731,7 +733,8 @@ def reproduce_command(
                       test_limit=test_limit, threads=threads, protocol=protocol, optimizer=optimizer, lr=lr,
                       momentum=momentum, loc_lr_scale=loc_lr_scale, batch_size=batch_size, schedule=schedule,
                       lr_drops=drops, iterations=iterations, rotation_ramp_epochs=rotation_ramp,
-                      networks=nets, stop_after_epochs=stop_after, resume=resume)
+                      networks=nets, stop_after_epochs=stop_after,
+                      report_only=report_only, resume=resume)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
 

@@ -171,6 +171,7 @@ class ReproduceConfig:
     iterations: int | None = None  # total optimiser steps per network; None = epochs x steps/epoch
     rotation_ramp_epochs: float = 0.0  # mnist-rot: max rotation grows 0 -> 90 deg over these epochs (0: off)
     stop_after_epochs: int | None = None  # end this call at that epoch of the schedule (not in the fingerprint)
+    report_only: bool = False  # train nothing: report every network's checkpoint as it stands
 
     def total_steps(self, n_train: int) -> int:
         """Optimiser steps of one network for ``n_train`` training images."""
@@ -552,10 +553,13 @@ def train_network(
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         step, log, trained_seconds = state["step"], list(state["log"]), state["seconds"]
-        _log(console, f"{cfg.experiment} {name} seed {seed}: resuming at step {step}/{total_steps}")
+        _log(console, f"{cfg.experiment} {name} seed {seed}: "
+             + ("checkpoint at" if cfg.report_only else "resuming at") + f" step {step}/{total_steps}")
     track = probe_digits is not None and model.transformer is not None and cfg.experiment == "mnist-rot"
     epoch = len(log)
-    stop = cfg.stop_after_epochs
+    if cfg.report_only and state is None:
+        raise ValueError(f"--report-only: no checkpoint of {name} seed {seed} in {checkpoint_dir}; train it first")
+    stop = 0 if cfg.report_only else cfg.stop_after_epochs
     while step < total_steps and (stop is None or epoch < stop):
         start = time.perf_counter()
         model.train()
@@ -701,7 +705,10 @@ def protocol_lines(cfg: ReproduceConfig, n_train: int, n_test: int, device: torc
            "the schedule (one already past it is reported as it stands; the table says where each stopped); the "
            "learning rates follow the full run's schedule, so these are the run's results at that point, not those "
            "of a shorter run"]
-          if cfg.stop_after_epochs else []),
+          if cfg.stop_after_epochs and not cfg.report_only else []),
+        *(["--report-only: no training in this call; each network is reported as its checkpoint stands (the table "
+           "says at which epoch); the learning rates follow the full run's schedule, so an unfinished run is the "
+           "long run seen part-way, not a shorter run"] if cfg.report_only else []),
         *([f"rotation curriculum (not in the paper): training rotations U(-m, m) with m growing linearly "
            f"0 -> 90 deg over the first {cfg.rotation_ramp_epochs:g} epochs, then 90 deg"]
           if cfg.rotation_ramp_epochs > 0 else []),
@@ -935,6 +942,7 @@ def run_reproduce(
     rotation_ramp_epochs: float | None = None,
     networks: tuple[str, ...] | None = None,
     stop_after_epochs: int | None = None,
+    report_only: bool = False,
     resume: bool = True,
     figure_images: int = 200,
     console: Console | None = None,
@@ -969,6 +977,8 @@ def run_reproduce(
         stop_after_epochs: end each network's training at this epoch of its schedule and report
             it as it stands (a checkpoint already past it is reported as it is); the schedule stays
             the full run's, so a later call with a larger value, or none, resumes the same run.
+        report_only: train nothing; write the outputs from the checkpoints as they stand (every
+            network needs one).
         resume: continue from checkpoints in ``out_dir/checkpoints``.
         figure_images: test digits behind Figure 3 and the per-epoch ``rotation_r``.
         console: rich console for progress.
@@ -1013,7 +1023,7 @@ def run_reproduce(
         schedule=pick(schedule, proto.schedule, "cosine"), lr_drops=tuple(pick(lr_drops, proto.lr_drops, ())),
         lr_divisor=proto.lr_divisor, iterations=iterations if epochs is None else None, figure_images=figure_images,
         rotation_ramp_epochs=pick(rotation_ramp_epochs, proto.rotation_ramp_epochs if experiment == "mnist-rot" else 0.0, 0.0),
-        stop_after_epochs=stop_after_epochs,
+        stop_after_epochs=stop_after_epochs, report_only=report_only,
     )
     ramp = cfg.rotation_ramp_epochs
     if ramp < 0 or (ramp > 0 and experiment != "mnist-rot"):
@@ -1034,6 +1044,8 @@ def run_reproduce(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
+    if report_only and not resume:
+        raise ValueError("--report-only reports the checkpoints; it cannot be combined with --restart")
     if not resume and ckpt_dir.is_dir():
         shutil.rmtree(ckpt_dir)
     protocol_text = protocol_lines(cfg, len(train.labels), len(test.labels), dev)

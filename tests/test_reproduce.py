@@ -107,6 +107,22 @@ def test_stop_after_ends_a_run_early_and_a_later_call_resumes_it(tmp_path, cache
 
 
 @needs_mnist
+def test_report_only_writes_outputs_from_checkpoints_without_training(tmp_path, cache_dir):
+    kwargs = dict(epochs=3, seeds=1, device="cpu", out_dir=tmp_path, limit=128, test_limit=50, cache_dir=cache_dir,
+                  figure_images=10, networks=("STN-C0",))
+    with pytest.raises(ValueError, match="no checkpoint of STN-C0"):
+        run_reproduce("mnist-rot", MNIST_GZ, report_only=True, **kwargs)
+    trained = run_reproduce("mnist-rot", MNIST_GZ, stop_after_epochs=2, **kwargs)
+    ckpt = tmp_path / "checkpoints" / "STN-C0-seed0.pt"
+    before = ckpt.read_bytes()
+    (tmp_path / "results.json").unlink()
+    report = run_reproduce("mnist-rot", MNIST_GZ, report_only=True, **kwargs)
+    assert report["runs"][0]["epochs_log"] == trained["runs"][0]["epochs_log"]  # epoch 2, nothing trained
+    assert report["summary"]["STN-C0"]["stopped_early"] and ckpt.read_bytes() == before
+    assert (tmp_path / "results.json").is_file() and "--report-only" in " ".join(report["protocol"])
+
+
+@needs_mnist
 def test_paper_protocol_uses_the_authors_optimiser(tmp_path, cache_dir):
     report = run_reproduce("mnist-rot", MNIST_GZ, seeds=1, device="cpu", out_dir=tmp_path, limit=64, test_limit=50,
                            cache_dir=cache_dir, protocol="paper", iterations=3, networks=("STN-SL1",))
