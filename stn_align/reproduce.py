@@ -458,6 +458,11 @@ def rotation_tracking_r(predicted: np.ndarray, angles_deg) -> float:
     return float(np.corrcoef(pred.ravel(), applied.ravel())[0, 1])
 
 
+def rotation_r_per_class(predicted: np.ndarray, angles_deg, labels: np.ndarray) -> dict[int, float]:
+    """:func:`rotation_tracking_r` over the digits of each class present in ``labels`` ``(N,)``."""
+    return {int(d): rotation_tracking_r(predicted[:, labels == d], angles_deg) for d in np.unique(labels)}
+
+
 def rotation_slope(predicted: np.ndarray, angles_deg, max_abs_deg: float | None = None) -> float:
     """Least-squares slope of predicted on applied angle: 1 = exact un-rotation, 0 = none.
 
@@ -998,6 +1003,8 @@ def run_reproduce(
         iterations is not None and iterations < 1
     ) or (stop_after_epochs is not None and stop_after_epochs < 1):
         raise ValueError("epochs, iterations, seeds, limit and --stop-after must be positive")
+    if report_only and not resume:
+        raise ValueError("--report-only reports the checkpoints; it cannot be combined with --restart")
     all_names = network_names(experiment)
     names = tuple(networks) if networks else all_names
     if unknown := [n for n in names if n not in all_names]:
@@ -1044,8 +1051,6 @@ def run_reproduce(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
-    if report_only and not resume:
-        raise ValueError("--report-only reports the checkpoints; it cannot be combined with --restart")
     if not resume and ckpt_dir.is_dir():
         shutil.rmtree(ckpt_dir)
     protocol_text = protocol_lines(cfg, len(train.labels), len(test.labels), dev)
@@ -1103,8 +1108,8 @@ def _write_outputs(out: Path, cfg, results, names, figure, protocol, wall, figur
             "slope": {k: rotation_slope(v, cfg.figure_angles) for k, v in figure.items()},
             "slope_within_60_deg": {k: rotation_slope(v, cfg.figure_angles, 60.0) for k, v in figure.items()},
             "pearson_r_per_class": {} if figure_labels is None else {
-                k: {str(d): rotation_tracking_r(v[:, figure_labels.numpy() == d], cfg.figure_angles)
-                    for d in range(10) if (figure_labels == d).any()} for k, v in figure.items()},
+                k: {str(d): r for d, r in rotation_r_per_class(v, cfg.figure_angles, figure_labels.numpy()).items()}
+                for k, v in figure.items()},
             "predicted_deg_mean": {k: v.mean(axis=1).tolist() for k, v in figure.items()},
             "predicted_deg_std": {k: v.std(axis=1).tolist() for k, v in figure.items()},
             "predicted_deg_p10_p50_p90": {

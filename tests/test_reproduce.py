@@ -20,6 +20,7 @@ from stn_align.reproduce import (
     lr_factor,
     prepare_mnist_root,
     rotate_images,
+    rotation_r_per_class,
     rotation_slope,
     rotation_tracking_r,
     run_reproduce,
@@ -207,6 +208,12 @@ def test_rotation_tracking_r():
     assert rotation_tracking_r(np.array([[-85.0, -95], [2, -2], [88, 91]]), angles) > 0.99
     assert rotation_tracking_r(np.full((3, 2), -0.32), angles) == 0.0  # a collapsed localisation net
     assert rotation_tracking_r(np.array([[85.0, 95], [2, -2], [-88, -91]]), angles) < -0.99
+
+
+def test_rotation_r_per_class_separates_tracked_and_untracked_classes():
+    angles = [-90.0, 0.0, 90.0]
+    predicted = np.array([[-80.0, -85, 0], [0, 1, 0], [82, 88, 0]])  # two tracked digits of class 3, a flat 1
+    assert rotation_r_per_class(predicted, angles, np.array([3, 3, 1])) == pytest.approx({1: 0.0, 3: 0.9998}, abs=1e-3)
 
 
 @needs_mnist

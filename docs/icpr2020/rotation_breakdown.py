@@ -1,4 +1,4 @@
-"""Check behind docs/icpr2020/README.md, section 7: what keeps Figure 3's r below 0.9?
+"""Check behind docs/icpr2020/README.md, section 1 item 9 and section 7: what keeps Figure 3's r below 0.9?
 
 Figure 3's Pearson r mixes three things: how far the transformer turns (amplitude), whether it
 turns in proportion to the applied angle (the shape of its mean curve) and how consistent it is
@@ -22,7 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stn_align.reproduce import ReproduceConfig, build_network, load_mnist, predicted_rotation_angles, rotation_tracking_r
+from stn_align.reproduce import (
+    ReproduceConfig,
+    build_network,
+    load_mnist,
+    predicted_rotation_angles,
+    rotation_r_per_class,
+    rotation_tracking_r,
+)
 
 ANGLES = tuple(float(a) for a in range(-90, 91, 10))
 
@@ -41,7 +48,7 @@ def breakdown(predicted: np.ndarray, labels: np.ndarray) -> dict:
         "per_digit_r_median": float(np.nanmedian(per_digit)),
         "per_digit_r_p10": float(np.nanpercentile(per_digit, 10)),
         "mean_at": {a: float(predicted[ANGLES.index(a)].mean()) for a in (-90.0, -60.0, 0.0, 60.0, 90.0)},
-        "r_per_class": {d: rotation_tracking_r(predicted[:, labels == d], ANGLES) for d in range(10)},
+        "r_per_class": rotation_r_per_class(predicted, ANGLES, labels),
         "r_without_0_1": rotation_tracking_r(predicted[:, labels > 1], ANGLES),
     }
 

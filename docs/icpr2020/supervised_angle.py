@@ -25,6 +25,7 @@ from stn_align.reproduce import (
     ReproduceConfig,
     load_mnist,
     rotate_images,
+    rotation_r_per_class,
     rotation_slope,
     rotation_tracking_r,
 )
@@ -68,8 +69,8 @@ def main() -> None:
             print(f"step {step} loss {loss.item():.4f} r {rotation_tracking_r(pred, angles):.3f} "
                   f"slope {rotation_slope(pred, angles):.2f} ({time.time() - start:.0f} s)", flush=True)
     labels = test.labels[:200].numpy()
-    print("r per digit class: " + ", ".join(f"{d}: {rotation_tracking_r(pred[:, labels == d], angles):.2f}"
-                                            for d in range(10)), flush=True)
+    print("r per digit class: " + ", ".join(f"{d}: {r:.2f}" for d, r in rotation_r_per_class(pred, angles, labels).items()),
+          flush=True)
 
 
 if __name__ == "__main__":
