@@ -6,11 +6,15 @@ the predicted angles and the fraction of dead localisation units. Batches are dr
 replacement (not epochs), so the numbers are close to, not identical with, a `reproduce` run.
 
     python docs/icpr2020/pilot.py STN-SL1 --momentum 0.9 --lr 1e-3 --loc-lr-scale 10 --ramp 3000 --warm 300
+
+``--init`` starts from the weights of a ``reproduce`` checkpoint (``OUT/checkpoints/NET-seed0.pt``)
+instead of the identity start, e.g. to see what a lower learning rate does to a long run.
 """
 
 from __future__ import annotations
 
 import argparse
+import pickle
 import time
 from pathlib import Path
 
@@ -54,6 +58,7 @@ def main() -> None:
                     help="steps after --warm during which the classifier is frozen (lr 0): only the transformer learns")
     ap.add_argument("--width", type=int, default=64, help="channels of both classifier conv blocks (paper: 64)")
     ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--init", type=Path, help="a reproduce checkpoint whose model weights to start from")
     ap.add_argument("--data", type=Path, default=Path("../shared/data/mnist"))
     args = ap.parse_args()
 
@@ -68,6 +73,13 @@ def main() -> None:
         depth = int(args.network[-1])
         build = build_stn_slx if args.network.startswith("STN-SL") else build_stn_cx
         model = build((1, 28, 28), depth, 10, blocks, padding_mode="border")
+    if args.init is not None:
+        if not args.init.is_file():
+            ap.error(f"{args.init}: no such checkpoint")
+        try:
+            model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True)["model"])
+        except (RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
+            ap.error(f"{args.init}: not a {args.network} checkpoint of `reproduce` ({type(e).__name__})")
     loc = list(model.transformer.parameters())
     loc_ids = {id(p) for p in loc}
     groups = [{"params": [p for p in model.parameters() if id(p) not in loc_ids], "lr": args.lr,

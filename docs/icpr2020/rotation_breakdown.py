@@ -9,7 +9,9 @@ or not, this prints, on Figure 3's 200 test digits at -90..90 deg:
 - r of the mean curve alone (every digit replaced by the mean prediction: no scatter);
 - the median and 10th percentile of the per-digit r (each digit's 19 predictions vs the angles);
 - the mean predicted angle at -90 / -60 / 0 / +60 / +90 deg (amplitude and bias);
-- r per digit class, and r without the classes 0 and 1 (which look alike at many angles).
+- r per digit class, and r without the classes 0 and 1 (which look alike at many angles);
+- the per-epoch r of the training log, averaged over blocks of 20 epochs, and its linear trend
+  from epoch 60 on (how fast r still rises).
 
     python docs/icpr2020/rotation_breakdown.py runs/paper/checkpoints
 """
@@ -53,6 +55,15 @@ def breakdown(predicted: np.ndarray, labels: np.ndarray) -> dict:
     }
 
 
+def epoch_r_trend(log: list[dict], block: int = 20, since: int = 60) -> tuple[dict, float | None]:
+    """Mean per-epoch ``rotation_r`` of ``log`` per block of ``block`` epochs, and its slope per 100 epochs from ``since``."""
+    r = np.array([e["rotation_r"] for e in log if "rotation_r" in e])
+    blocks = {f"{i + 1}-{min(i + block, len(r))}": float(r[i:i + block].mean()) for i in range(0, len(r), block)}
+    late = np.arange(len(r))[since - 1:]
+    slope = float(np.polyfit(late, r[late], 1)[0] * 100) if len(late) >= 10 else None
+    return blocks, slope
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", type=Path, help="a `reproduce mnist-rot` run's checkpoints folder")
@@ -70,7 +81,8 @@ def main() -> None:
         state = torch.load(args.checkpoints / f"{name}-seed0.pt", map_location="cpu", weights_only=True)
         model = build_network(name, "mnist-rot")
         model.load_state_dict(state["model"])
-        epochs = len(state["result"]["epochs_log"]) if state.get("result") else len(state["log"])
+        log = state["result"]["epochs_log"] if state.get("result") else state["log"]
+        epochs = len(log)
         predicted = predicted_rotation_angles(model, test.images[:200], ANGLES, torch.device("cpu"), cfg)
         s = breakdown(predicted, test.labels[:200].numpy())
         print(f"{name} (epoch {epochs}): r {s['r']:.3f}, within +-60 {s['r_within_60']:.3f}, within +-30 "
@@ -79,6 +91,9 @@ def main() -> None:
               + " / ".join(f"{v:+.0f}" for v in s["mean_at"].values()))
         print(f"  r per class: " + ", ".join(f"{d}: {r:.2f}" for d, r in s["r_per_class"].items())
               + f"; without 0 and 1: {s['r_without_0_1']:.3f}")
+        blocks, slope = epoch_r_trend(log)
+        print("  per-epoch r, mean per 20 epochs: " + ", ".join(f"{k}: {v:.3f}" for k, v in blocks.items())
+              + ("" if slope is None else f"; trend from epoch 60: {slope:+.3f} per 100 epochs"))
 
 
 if __name__ == "__main__":
