@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--init", type=Path, help="a reproduce checkpoint whose model weights to start from")
     ap.add_argument("--data", type=Path, default=Path("../shared/data/mnist"))
     args = ap.parse_args()
+    if args.init is not None and not args.init.is_file():
+        ap.error(f"{args.init}: no such checkpoint")
 
     torch.set_num_threads(1)
     train, test = load_mnist(args.data, Path.home() / ".cache" / "stn-align")
@@ -74,8 +76,6 @@ def main() -> None:
         build = build_stn_slx if args.network.startswith("STN-SL") else build_stn_cx
         model = build((1, 28, 28), depth, 10, blocks, padding_mode="border")
     if args.init is not None:
-        if not args.init.is_file():
-            ap.error(f"{args.init}: no such checkpoint")
         try:
             model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True)["model"])
         except (RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:

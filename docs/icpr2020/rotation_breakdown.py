@@ -11,7 +11,9 @@ or not, this prints, on Figure 3's 200 test digits at -90..90 deg:
 - the mean predicted angle at -90 / -60 / 0 / +60 / +90 deg (amplitude and bias);
 - r per digit class, and r without the classes 0 and 1 (which look alike at many angles);
 - the per-epoch r of the training log, averaged over blocks of 20 epochs, and its linear trend
-  from epoch 60 on (how fast r still rises).
+  from epoch 60 on (how fast r still rises);
+- the test error of the last 10 logged epochs, mean and range (one epoch's error is noisy at a
+  high learning rate).
 
     python docs/icpr2020/rotation_breakdown.py runs/paper/checkpoints
 """
@@ -94,6 +96,8 @@ def main() -> None:
         blocks, slope = epoch_r_trend(log)
         print("  per-epoch r, mean per 20 epochs: " + ", ".join(f"{k}: {v:.3f}" for k, v in blocks.items())
               + ("" if slope is None else f"; trend from epoch 60: {slope:+.3f} per 100 epochs"))
+        errors = np.array([e["test_error_pct"] for e in log[-10:]])
+        print(f"  test error, last {len(errors)} epochs: mean {errors.mean():.2f} %, {errors.min():.2f}-{errors.max():.2f} %")
 
 
 if __name__ == "__main__":
