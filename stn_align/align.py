@@ -33,7 +33,8 @@ FALLBACKS = ("features", "rotations", "none")
 #: Quarter turns of the input (``np.rot90``'s k: 90, 180, 270 degrees) the safety net starts the network from.
 TURNS = (1, 2, 3)
 #: Which path produced a result (:attr:`AlignResult.method`); ``+ecc``: the ECC polish was kept.
-METHODS = ("network", "network+ecc", "rotated", "rotated+ecc", "features", "features+ecc")
+#: ``identity``: the input is pixel for pixel the reference (the matrix is exactly the identity).
+METHODS = ("network", "network+ecc", "rotated", "rotated+ecc", "features", "features+ecc", "identity")
 
 
 @dataclass
@@ -288,6 +289,16 @@ class Aligner:
         return self.model.config.transform
 
     @property
+    def weights_sha256(self) -> str:
+        """SHA-256 of the model's tensors (:func:`checkpoint.tensors_sha256`): what batch resume compares."""
+        digest = self.metadata.get("tensors_sha256")
+        if digest is None:
+            from .checkpoint import tensors_sha256
+
+            digest = self.metadata["tensors_sha256"] = tensors_sha256(self.model.state_dict())
+        return digest
+
+    @property
     def size(self) -> int:
         """The network's working size: :attr:`working_size`, else the size the model was trained at."""
         return self.working_size or self.model.config.size
@@ -349,9 +360,16 @@ class Aligner:
         gray_in = to_gray(image_in)
         gray_ref = to_gray(image_ref) if ref_gray is None else ref_gray
         region = resolve_mask(self.mask if mask is None else mask, image_ref)
-        best = self._polish("network", matrix, gray_in, gray_ref, region)
-        hypotheses = {"network": best.score}
-        if best.score < self.min_score and self.fallback != "none":
+        if image_in.shape == image_ref.shape and image_in.dtype == image_ref.dtype and np.array_equal(image_in, image_ref):
+            identity = np.eye(3)  # the same pixels: nothing to estimate, and the exact answer is known
+            score = alignment_score(gray_in, gray_ref, identity, mask=region)
+            best, hypotheses = _Candidate(identity, score, False, "identity"), {"identity": score}
+        else:
+            if not np.all(np.isfinite(matrix)):
+                raise ValueError("the network's estimate is not finite (is the model file damaged?)")
+            best = self._polish("network", matrix, gray_in, gray_ref, region)
+            hypotheses = {"network": best.score}
+        if best.score < self.min_score and self.fallback != "none" and best.method != "identity":
             starts = [(f"rotated{90 * k}", "rotated", m) for k, m in zip(TURNS, self.estimate_turned(image_in, image_ref))]
             if self.fallback == "features":
                 found = baselines.sift(gray_in, gray_ref, self.transform, max_side=1024)
@@ -367,6 +385,8 @@ class Aligner:
                     best = candidate
                 if polishing and best.score >= self.min_score:  # good enough: more polishing would only cost time
                     break
+        if not np.all(np.isfinite(best.matrix)):
+            raise ValueError(f"the {best.method} estimate is not finite")
         ref_size = (image_ref.shape[1], image_ref.shape[0])
         aligned = warp_image(image_in, best.matrix, ref_size, self.fill, self.device) if warp else None
         return AlignResult(matrix=best.matrix, score=best.score, transform=self.transform, image=aligned,

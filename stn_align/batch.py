@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -55,8 +56,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from .io import DEFAULT_MAX_PIXELS, ImageError, list_images, read_image, write_image
-
-MANIFEST_NAME = "alignments.jsonl"
+from .manifest import (MANIFEST_NAME, ManifestError, ManifestWriter, fingerprint, output_options, owns_output,
+                       read_manifest, resume_decision, write_manifest)
 
 #: Output formats that can hold an alpha channel (``fill="transparent"``).
 ALPHA_SUFFIXES = frozenset({".png", ".tif", ".tiff", ".webp"})
@@ -97,6 +98,10 @@ class BatchSummary:
     manifest: Optional[Path] = None
     excluded_out_dir: bool = False  # OUT_DIR was inside INPUT_DIR and left out of the listing
     interrupted: bool = False
+    redone: dict[str, int] = field(default_factory=dict)  # why pairs recorded before were redone: count per reason
+    gone: list[str] = field(default_factory=list)  # inputs with an ok record that are no longer there (outputs kept)
+    warnings: list[str] = field(default_factory=list)  # one-line notes, e.g. a corrupt manifest line
+    skipped_entries: list[tuple[Path, str]] = field(default_factory=list)  # listing entries that are not inputs
 
     @property
     def pairs_per_second(self) -> float:
@@ -123,13 +128,14 @@ def _stem_key(rel: str) -> str:
     return f"{head}/{stem}" if head else stem
 
 
-def list_inputs(root: Path, recursive: bool = True, exclude: Optional[Path] = None) -> tuple[list[Path], list[tuple[Path, str]]]:
+def list_inputs(root: Path, recursive: bool = True, exclude: Optional[Path] = None,
+                skipped: Optional[list[tuple[Path, str]]] = None) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Image files under ``root`` (:func:`io.list_images`), but a sub-folder that cannot be listed is
     reported, not fatal, and ``exclude`` (e.g. an OUT_DIR inside INPUT_DIR) is not entered.
     Returns ``(files, [(folder, reason)])``; raises :class:`ImageError` when ``root`` cannot be listed.
     """
     problems: list[tuple[Path, str]] = []
-    files = list_images(root, recursive, exclude=exclude, problems=problems)
+    files = list_images(root, recursive, exclude=exclude, problems=problems, skipped=skipped)
     return files, problems
 
 
@@ -139,8 +145,12 @@ def plan_pairs(
     ref: Path | str | None = None,
     ref_dir: Path | str | None = None,
     recursive: bool = True,
+    skipped: Optional[list[tuple[Path, str]]] = None,
 ) -> tuple[list[Pair], bool]:
     """List the inputs and pair each with its reference. Returns ``(pairs, out_dir_excluded)``.
+
+    ``skipped`` collects ``(path, reason)`` for the entries of ``input_dir`` that are not inputs
+    (see :func:`io.list_images`).
 
     Raises :class:`BatchError` (usage) for inconsistent directories and :class:`ImageError` for an
     unreadable ``input_dir`` / ``ref_dir`` / missing ``ref``. Per-input problems (no reference,
@@ -157,7 +167,7 @@ def plan_pairs(
     if ref_dir is not None and Path(ref_dir).resolve() == out_root:
         raise BatchError(f"{out_dir}: the output directory is the reference directory (choose another -o)", usage=True)
     inside = _is_within(out_root, in_root)
-    inputs, unlisted = list_inputs(input_dir, recursive, exclude=out_root if inside else None)
+    inputs, unlisted = list_inputs(input_dir, recursive, exclude=out_root if inside else None, skipped=skipped)
     excluded = inside and recursive
 
     protected: set[Path] = {p.resolve() for p in inputs}
@@ -219,40 +229,6 @@ def writable(image: np.ndarray) -> np.ndarray:
     if image.ndim == 3 and image.shape[2] == 2:
         return np.ascontiguousarray(np.concatenate([np.repeat(image[..., :1], 3, axis=2), image[..., 1:]], axis=2))
     return image
-
-
-# --- manifest ---------------------------------------------------------------------------------------------
-
-
-def read_manifest(path: Path | str) -> dict[str, dict]:
-    """``{input: record}`` of a manifest, the last record of each input winning; bad lines are ignored."""
-    records: dict[str, dict] = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # e.g. the half-written last line of a killed run
-                if isinstance(record, dict) and isinstance(record.get("input"), str):
-                    records[record["input"]] = record
-    except FileNotFoundError:
-        pass
-    return records
-
-
-def write_manifest(path: Path | str, records: dict[str, dict]) -> None:
-    """Rewrite the manifest atomically: one record per input, sorted by input path."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for key in sorted(records):
-                f.write(json.dumps(records[key]) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # --- one writer per output folder -------------------------------------------------------------------------
@@ -334,8 +310,14 @@ class OutputLock:
                 raise BatchError(f"{self.path}: {self.path.parent} is being written by another stn-align batch run "
                                  f"(pid {pid}{where}); wait for it to end, or delete the lock file if that run is gone")
             tmp = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
-            tmp.write_text(f"{os.getpid()}\n{socket.gethostname()}\n", encoding="utf-8")
-            os.replace(tmp, self.path)  # free, or a killed run's: ours now
+            try:
+                tmp.write_text(f"{os.getpid()}\n{socket.gethostname()}\n", encoding="utf-8")
+                os.replace(tmp, self.path)  # free, or a killed run's: ours now
+            except OSError as err:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise BatchError(f"{self.path.parent}: cannot write in the output directory "
+                                 f"({err.strerror or err})") from None
         with _held_guard:
             _held_locks.add(self.path.resolve())
         self.held = True
@@ -357,6 +339,58 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# --- signals ----------------------------------------------------------------------------------------------
+
+
+class StopSignals:
+    """SIGINT and SIGTERM stop a run gracefully: the first sets :attr:`event` (no new pair starts; the pairs in
+    progress finish and are recorded, the manifest is compacted and the lock released), a second one exits at
+    once, cleanly (the lock released; what was recorded is on disk). Exit status ``128 + signal``: 130 or 143.
+
+    ``with StopSignals(on_first=print_line) as stop:`` then pass ``stop.event`` to :func:`align_directory`.
+    Only in the main thread (elsewhere it does nothing)."""
+
+    def __init__(self, on_first: Optional[Callable[[int], None]] = None):
+        self.event = threading.Event()
+        self.signum: Optional[int] = None
+        self.on_first = on_first
+        self._saved: dict = {}
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or 2)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            self.event.set()
+            if self.on_first:
+                self.on_first(signum)
+            return
+        with _held_guard:
+            held = list(_held_locks)
+        for path in held:  # what a clean exit would do: no stale lock for the next run
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int(path.read_text().split()[0]) == os.getpid():
+                    path.unlink()
+        os.write(2, b"stopped at once; every finished pair is recorded: re-run the same command to resume\n")
+        os._exit(128 + signum)  # no interpreter teardown under running native threads
+
+    def __enter__(self) -> "StopSignals":
+        import signal
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
 
 
 # --- records ----------------------------------------------------------------------------------------------
@@ -415,13 +449,18 @@ def shared_reference(aligner, shared_ref: Optional[np.ndarray]) -> dict:
     return shared
 
 
-def finish_pair(aligner, pair: Pair, image, reference, matrix, shared: dict, out_dir: Path) -> dict:
-    """Refine, score, warp and write one pair from its network estimate; returns its manifest record."""
+def finish_pair(aligner, pair: Pair, image, reference, matrix, shared: dict, out_dir: Path,
+                options: Optional[dict] = None) -> dict:
+    """Refine, score, warp and write one pair from its network estimate; returns its manifest record
+    (``ok`` with the output's size and the pair's :func:`manifest.fingerprint`, or ``failed``)."""
     model_name = getattr(aligner, "name", "custom")
     try:
         result = aligner.finish(image, reference, matrix, warp=True, **shared)
         write_image(pair.output, writable(result.image))
-        return {**base_record(pair, out_dir, model_name), **result.to_record(), "status": "ok"}
+        record = {**base_record(pair, out_dir, model_name), **result.to_record(), "status": "ok",
+                  "output_bytes": pair.output.stat().st_size,
+                  "fingerprint": fingerprint(aligner, pair.input, pair.reference, options)}
+        return record
     except Exception as err:  # noqa: BLE001
         return failed_record(pair, out_dir, model_name, aligner.transform, _one_line(err, pair.input))
 
@@ -433,6 +472,7 @@ def align_chunk(aligner, chunk: list[Pair], out_dir: Path, pool: ThreadPoolExecu
     per pair, in order. What an engine that gets its work in batches (Ray Data) runs on each batch."""
     model_name = getattr(aligner, "name", "custom")
     shared = shared_reference(aligner, shared_ref) if shared is None else shared
+    options = output_options(aligner)
     decoded = list(pool.map(lambda p: decode_pair(p, max_pixels, shared_ref), chunk))
     records: list[Optional[dict]] = [None] * len(chunk)
     ready = []
@@ -448,7 +488,7 @@ def align_chunk(aligner, chunk: list[Pair], out_dir: Path, pool: ThreadPoolExecu
             for i, pair, _, _ in ready:
                 records[i] = failed_record(pair, out_dir, model_name, aligner.transform, _one_line(err, pair.input))
         else:
-            futures = [(i, pool.submit(finish_pair, aligner, pair, image, reference, matrix, shared, out_dir))
+            futures = [(i, pool.submit(finish_pair, aligner, pair, image, reference, matrix, shared, out_dir, options))
                        for (i, pair, image, reference), matrix in zip(ready, matrices)]
             for i, future in futures:
                 records[i] = future.result()
@@ -457,20 +497,39 @@ def align_chunk(aligner, chunk: list[Pair], out_dir: Path, pool: ThreadPoolExecu
 
 # --- the run ----------------------------------------------------------------------------------------------
 
+#: Temporary files a killed run may leave in OUT_DIR (``io.write_image``'s, the manifest's and the lock's).
+_TMP_PATTERN = re.compile(r"^\..+\.(?:[0-9a-f]{8}|\d+)\.tmp$|^" + re.escape(LOCK_NAME) + r"\.\d+\.tmp$")
+
+
+def remove_stale_temporaries(out_dir: Path) -> int:
+    """Delete the temporary files of killed runs under ``out_dir`` (run while holding its lock); returns how many."""
+    removed = 0
+    for folder, dirs, files in os.walk(out_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if _TMP_PATTERN.match(name):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
+                    removed += 1
+    return removed
+
 
 class BatchRun:
     """The bookkeeping every engine shares: manifest, resume and summary of one run (see :func:`open_run`).
 
-    ``todo`` holds the pairs left to align; the engine reports each with :meth:`done` (from one thread).
+    ``todo`` holds the pairs left to align. The engine calls :meth:`begin` with pairs before any of their
+    outputs can be written (a ``writing`` record each, fsynced) and reports each pair with :meth:`done`.
     """
 
     def __init__(self, aligner, out_dir: Path, summary: BatchSummary, on_progress=None):
         self.out_dir, self.summary, self.on_progress = out_dir, summary, on_progress
+        self.aligner = aligner
         self.model_name = getattr(aligner, "name", "custom")
         self.transform = aligner.transform
-        self.records = read_manifest(summary.manifest)
+        self.options = output_options(aligner)
+        self.records = read_manifest(summary.manifest, problems=summary.warnings)
         write_manifest(summary.manifest, self.records)  # compact what a killed run left
-        self.manifest = open(summary.manifest, "a", encoding="utf-8")
+        self.manifest = ManifestWriter(summary.manifest)
         self.todo: list[Pair] = []
         self.start = time.perf_counter()
 
@@ -478,37 +537,72 @@ class BatchRun:
         return base_record(pair, self.out_dir, self.model_name)
 
     def failed(self, pair: Pair, message: str) -> dict:
-        return failed_record(pair, self.out_dir, self.model_name, self.transform, message)
+        record = failed_record(pair, self.out_dir, self.model_name, self.transform, message)
+        if owns_output(self.records.get(pair.rel)):
+            record["owned"] = True  # the file there is still ours: a later run may replace it
+        return record
 
-    def sort(self, pairs: list[Pair], overwrite: bool) -> None:
-        """Planning errors fail, already aligned pairs are skipped (resume), the rest go to ``todo``."""
+    def sort(self, pairs: list[Pair], force: bool = False, overwrite: bool = False) -> None:
+        """Planning errors fail; pairs whose output is up to date are skipped (resume, see
+        :func:`manifest.resume_decision`); an output file this run does not own is refused unless
+        ``overwrite``; the rest go to ``todo`` and the reasons are counted in ``summary.redone``."""
+        planned = {pair.rel for pair in pairs}
+        self.summary.gone = sorted(rel for rel, r in self.records.items()
+                                   if rel not in planned and r.get("status") == "ok")
         for pair in pairs:
             previous = self.records.get(pair.rel)
             if pair.error is not None:
                 self.done(pair, self.failed(pair, pair.error))
-            elif (not overwrite and previous and previous.get("status") == "ok" and pair.output.is_file()
-                  and previous.get("reference") == pair.ref_label and previous.get("model") == self.model_name):
+                continue
+            if not owns_output(previous) and not overwrite and os.path.lexists(pair.output):
+                self.done(pair, self.failed(pair, f"{pair.output}: already exists and was not written by stn-align "
+                                                  f"(not in {MANIFEST_NAME}); left as it is (--overwrite replaces it)"))
+                continue
+            reason = "forced (--force)" if force else None
+            if reason is None and previous is not None:
+                try:
+                    current = fingerprint(self.aligner, pair.input, pair.reference, self.options,
+                                          known=previous.get("fingerprint") if isinstance(previous.get("fingerprint"), dict) else None)
+                except OSError as err:  # unreadable now: the work will say so in its record
+                    current = {}
+                    reason = f"cannot read ({err.strerror or err})"
+                reason = reason or resume_decision(previous, pair.output, current)
+            elif reason is None:
+                reason = "new"
+            if reason is None:
                 self.done(pair, {**previous, "status": "skipped"})
-            else:
-                self.todo.append(pair)
+                continue
+            if reason != "new":
+                self.summary.redone[reason] = self.summary.redone.get(reason, 0) + 1
+            self.todo.append(pair)
+
+    def begin(self, pairs: list[Pair]) -> None:
+        """Record (fsynced) that these pairs' outputs may now be written: no output without its record."""
+        records = [{**self.base(pair), "status": "writing"} for pair in pairs]
+        if records:
+            self.manifest.append(*records)
+            for pair, record in zip(pairs, records):
+                self.records[pair.rel] = record
 
     def done(self, pair: Pair, record: dict) -> None:
         """Count ``record`` (``ok``, ``failed`` or ``skipped``), append it to the manifest, report progress."""
         summary, status = self.summary, record["status"]
-        if status == "skipped":
-            summary.skipped += 1
-        else:
-            self.manifest.write(json.dumps(record) + "\n")
-            self.manifest.flush()
+        if status == "failed" and owns_output(self.records.get(pair.rel)):
+            record = {**record, "owned": True}
+        if status != "skipped":
+            self.manifest.append(record)
             self.records[pair.rel] = record
-            if status == "ok":
-                summary.aligned += 1
-                if record.get("suspect"):
-                    summary.suspect += 1
-                    summary.suspects.append(pair.rel)
+        if status == "failed":
+            summary.failed += 1
+            summary.failures.append(record["error"])
+        else:
+            if status == "skipped":
+                summary.skipped += 1
             else:
-                summary.failed += 1
-                summary.failures.append(record["error"])
+                summary.aligned += 1
+            if record.get("suspect"):  # a skipped pair's suspect verdict still stands: the job is judged whole
+                summary.suspect += 1
+                summary.suspects.append(pair.rel)
         if self.on_progress:
             self.on_progress(record)
 
@@ -517,39 +611,47 @@ class BatchRun:
         self.manifest.close()
         try:
             write_manifest(self.summary.manifest, self.records)
-        except OSError:
+        except ManifestError:
             pass  # the appended records are still there; the next run compacts them
 
 
 @contextlib.contextmanager
-def open_run(aligner, pairs: list[Pair], out_dir: Path, summary: BatchSummary, overwrite: bool = False,
+def open_run(aligner, pairs: list[Pair], out_dir: Path, summary: BatchSummary, force: bool = False,
              on_progress: Optional[Callable[[dict], None]] = None,
-             on_start: Optional[Callable[[int], None]] = None) -> Iterator[BatchRun]:
-    """Create ``out_dir``, take its :class:`OutputLock`, compact the manifest and sort ``pairs`` (failed at
-    planning, skipped, to do); yields the :class:`BatchRun`. On exit, also on an error or Ctrl-C, the
-    manifest is rewritten (one record per input) and the lock released."""
+             on_start: Optional[Callable[[int], None]] = None, overwrite: bool = False) -> Iterator[BatchRun]:
+    """Create ``out_dir``, take its :class:`OutputLock`, remove killed runs' temporary files, compact the
+    manifest and sort ``pairs`` (failed at planning, skipped, to do); yields the :class:`BatchRun`. On exit,
+    also on an error or Ctrl-C, the manifest is rewritten (one record per input) and the lock released.
+    ``force`` redoes every pair; ``overwrite`` lets outputs replace files stn-align did not write."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ImageError(out_dir, f"cannot create output directory ({err.strerror or err})") from None
     summary.manifest = out_dir / MANIFEST_NAME
     with OutputLock(out_dir):
-        run = BatchRun(aligner, out_dir, summary, on_progress)
+        remove_stale_temporaries(out_dir)
+        try:
+            run = BatchRun(aligner, out_dir, summary, on_progress)
+        except ManifestError as err:
+            raise BatchError(str(err)) from None
         try:
             if on_start:
                 on_start(len(pairs))
             run.start = time.perf_counter()
-            run.sort(pairs, overwrite)
+            run.sort(pairs, force, overwrite)
             yield run
         except KeyboardInterrupt:
             summary.interrupted = True
             raise
+        except ManifestError as err:  # e.g. the disk is full: stop, say where
+            raise BatchError(str(err)) from None
         finally:
             run.close()
 
 
 def prepare(aligner, input_dir, out_dir, ref=None, ref_dir=None, recursive: bool = True, batch_size: int = 16,
-            workers: Optional[int] = None, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, plan=None, ref_image=None):
+            workers: Optional[int] = None, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, plan=None, ref_image=None,
+            skipped_entries: Optional[list] = None):
     """The checks and planning every engine does before any work: ``(pairs, excluded, shared_ref, workers)``.
 
     Raises :class:`BatchError` or :class:`ImageError` (see :func:`align_directory`)."""
@@ -558,7 +660,10 @@ def prepare(aligner, input_dir, out_dir, ref=None, ref_dir=None, recursive: bool
     workers = workers or min(4, os.cpu_count() or 1)
     if workers < 1:
         raise BatchError("--workers must be at least 1", usage=True)
-    pairs, excluded = plan if plan is not None else plan_pairs(input_dir, out_dir, ref, ref_dir, recursive)
+    if max_pixels is not None and max_pixels < 1:
+        raise BatchError("--max-pixels must be at least 1", usage=True)
+    pairs, excluded = plan if plan is not None else plan_pairs(input_dir, out_dir, ref, ref_dir, recursive,
+                                                               skipped=skipped_entries)
     if getattr(aligner, "fill", None) == "transparent":
         check_alpha_outputs(pairs)
     shared_ref = ref_image
@@ -574,7 +679,7 @@ def align_directory(
     ref: Path | str | None = None,
     ref_dir: Path | str | None = None,
     recursive: bool = True,
-    overwrite: bool = False,
+    force: bool = False,
     batch_size: int = 16,
     workers: Optional[int] = None,
     on_progress: Optional[Callable[[dict], None]] = None,
@@ -582,6 +687,8 @@ def align_directory(
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
     plan: Optional[tuple[list[Pair], bool]] = None,
     ref_image: Optional[np.ndarray] = None,
+    overwrite: bool = False,
+    stop: Optional[threading.Event] = None,
 ) -> BatchSummary:
     """Align every image under ``input_dir`` into ``out_dir`` on this machine; see the module docstring.
 
@@ -589,24 +696,31 @@ def align_directory(
         aligner: a loaded :class:`stn_align.align.Aligner`.
         ref / ref_dir: one reference for all inputs, or a tree of references paired by relative path
             (or by relative stem with any image extension).
+        force: redo every pair, even those whose output is up to date.
         batch_size: pairs per network call. workers: decode/refine/encode threads (default min(4, cpus)).
         on_start: called once with the number of inputs. on_progress: called with each input's record
             (``status`` ``ok``, ``failed`` or ``skipped``) as it completes, from the calling thread.
         max_pixels: decompression-bomb limit of every decode (see :func:`io.read_image`).
         plan: the result of :func:`plan_pairs` for these arguments, if already computed.
         ref_image: ``ref`` already decoded, if it was.
+        overwrite: let outputs replace files in ``out_dir`` that stn-align did not write (default: such a
+            pair fails with a one-line message and the file is left as it is).
+        stop: when set (e.g. by a signal handler), no new pair is started; the pairs in progress finish and
+            are recorded, and the summary says ``interrupted``.
 
     Raises :class:`BatchError` or :class:`ImageError` before any work for a bad setup
     (missing/unreadable ``ref``, ``input_dir``, ``ref_dir``; ``out_dir`` equal to ``input_dir``), and
     :class:`BatchError` when another run holds ``out_dir``'s lock (:class:`OutputLock`).
     """
     input_dir, out_dir = Path(input_dir), Path(out_dir)
+    skipped_entries: list[tuple[Path, str]] = []
     pairs, excluded, shared_ref, workers = prepare(aligner, input_dir, out_dir, ref, ref_dir, recursive, batch_size,
-                                                   workers, max_pixels, plan, ref_image)
-    summary = BatchSummary(total=len(pairs), excluded_out_dir=excluded)
-    with open_run(aligner, pairs, out_dir, summary, overwrite, on_progress, on_start) as run, \
+                                                   workers, max_pixels, plan, ref_image, skipped_entries)
+    summary = BatchSummary(total=len(pairs), excluded_out_dir=excluded, skipped_entries=skipped_entries)
+    with open_run(aligner, pairs, out_dir, summary, force, on_progress, on_start, overwrite) as run, \
             _network_threads(aligner, workers):
-        _pipeline(aligner, run, batch_size, workers, max_pixels, shared_ref)
+        _pipeline(aligner, run, batch_size, workers, max_pixels, shared_ref, stop)
+        summary.interrupted = summary.interrupted or bool(stop is not None and stop.is_set())
     return summary
 
 
@@ -636,12 +750,15 @@ def _network_threads(aligner, workers: int) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def _pipeline(aligner, run: BatchRun, batch_size: int, workers: int, max_pixels, shared_ref) -> None:
-    """The local engine: decode one chunk ahead on the pool, the network on this thread, finish on the pool."""
+def _pipeline(aligner, run: BatchRun, batch_size: int, workers: int, max_pixels, shared_ref,
+              stop: Optional[threading.Event] = None) -> None:
+    """The local engine: decode one chunk ahead on the pool, the network on this thread, finish on the pool.
+    When ``stop`` is set, no new chunk is started; the pairs already handed to the pool finish and are recorded."""
     shared = shared_reference(aligner, shared_ref)
     todo = run.todo
     chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stn-batch")
+    stopping = (lambda: stop.is_set()) if stop is not None else (lambda: False)
     try:
         decoding: deque[list[Future]] = deque()
         finishing: deque[tuple[Pair, Future]] = deque()
@@ -649,7 +766,7 @@ def _pipeline(aligner, run: BatchRun, batch_size: int, workers: int, max_pixels,
 
         def prefetch():
             nonlocal next_chunk
-            while next_chunk < len(chunks) and len(decoding) < 2:  # the current chunk and one ahead
+            while next_chunk < len(chunks) and len(decoding) < 2 and not stopping():  # the current chunk and one ahead
                 decoding.append([pool.submit(decode_pair, p, max_pixels, shared_ref) for p in chunks[next_chunk]])
                 next_chunk += 1
 
@@ -661,6 +778,8 @@ def _pipeline(aligner, run: BatchRun, batch_size: int, workers: int, max_pixels,
 
         prefetch()
         for chunk in chunks:
+            if stopping() or not decoding:
+                break
             decoded = [f.result() for f in decoding.popleft()]
             prefetch()
             ready = []
@@ -676,9 +795,10 @@ def _pipeline(aligner, run: BatchRun, batch_size: int, workers: int, max_pixels,
                     for pair, _, _ in ready:
                         run.done(pair, run.failed(pair, _one_line(err, pair.input)))
                 else:
+                    run.begin([pair for pair, _, _ in ready])
                     for (pair, image, reference), matrix in zip(ready, matrices):
                         finishing.append((pair, pool.submit(finish_pair, aligner, pair, image, reference, matrix,
-                                                            shared, run.out_dir)))
+                                                            shared, run.out_dir, run.options)))
             del decoded, ready
             collect(block_until=2 * batch_size)
         collect(block_until=0)

@@ -3,10 +3,15 @@
 * Model file (``MODEL.safetensors``): network weights + ``metadata["stn_align"]``, a JSON object with
   ``model`` (the :class:`ModelConfig`), ``training`` (arguments, data summary, validation figures).
 * Training state (``MODEL.state.safetensors``): weights, optimizer moments and the step, for ``--resume``.
+
+Both carry ``tensors_sha256`` in their metadata (:func:`tensors_sha256`), checked at every load: a file
+whose tensors were damaged (a flipped bit, a bad copy) is refused instead of giving NaN matrices.
+Files are written atomically and get the permissions of an ordinary new file (``0o666`` less the umask).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -30,20 +35,47 @@ class CheckpointError(Exception):
         self.path, self.reason = path, reason
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order (hex)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file is an ordinary file
+    return umask
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
+    """Write ``tensors`` with ``meta`` (plus their ``tensors_sha256``) as JSON metadata, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {META_KEY: json.dumps({**meta, "tensors_sha256": tensors_sha256(tensors)})}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        save_file(tensors, tmp, metadata=metadata)  # writes a new file: set the mode after it
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a model file is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _verified(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> str:
+    """The tensors' SHA-256; :class:`CheckpointError` if the metadata records another (a damaged file)."""
+    digest = tensors_sha256(tensors)
+    recorded = meta.get("tensors_sha256")
+    if recorded is not None and recorded != digest:
+        raise CheckpointError(path, "corrupt checkpoint: its tensors do not match the SHA-256 recorded when it was "
+                                    "written (a damaged or altered file; copy or download it again)")
+    return digest
 
 
 def state_path(model_path: Path | str) -> Path:
@@ -55,7 +87,8 @@ def state_path(model_path: Path | str) -> Path:
 def save_model(path: Path | str, model: AlignerNet, info: dict) -> None:
     """Write weights and ``{"format", "model", **info}`` metadata atomically."""
     meta = {"format": FORMAT_VERSION, "model": model.config.to_dict(), **info}
-    _atomic_save(model.state_dict(), {META_KEY: json.dumps(meta)}, path)
+    meta.pop("tensors_sha256", None)
+    _atomic_save(model.state_dict(), meta, path)
 
 
 def read_metadata(path: Path | str) -> dict:
@@ -89,6 +122,7 @@ def load_model(path: Path | str, device: str | torch.device = "cpu") -> tuple[Al
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as err:
         raise CheckpointError(path, f"corrupt tensor data ({str(err).splitlines()[0]})") from None
+    meta = {**meta, "tensors_sha256": _verified(path, tensors, meta)}
     model = AlignerNet(config)
     weights = {k: v for k, v in tensors.items() if not k.startswith("optim.")}
     try:
@@ -111,7 +145,8 @@ def save_training_state(path: Path | str, model: AlignerNet, optimizer: torch.op
                 scalars[f"{index}.{name}"] = value
     meta = {"format": FORMAT_VERSION, "model": model.config.to_dict(), "param_groups": optim_state["param_groups"],
             "optim_scalars": scalars, **info}
-    _atomic_save(tensors, {META_KEY: json.dumps(meta)}, path)
+    meta.pop("tensors_sha256", None)
+    _atomic_save(tensors, meta, path)
 
 
 def load_training_state(path: Path | str, model: AlignerNet, optimizer: torch.optim.Optimizer) -> dict:
@@ -119,7 +154,11 @@ def load_training_state(path: Path | str, model: AlignerNet, optimizer: torch.op
     meta = read_metadata(path)
     if "step" not in meta:
         raise CheckpointError(path, "not a training state (no step); pass MODEL.state.safetensors or the model it sits beside")
-    tensors = load_file(str(path), device="cpu")
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(path, f"corrupt tensor data ({str(err).splitlines()[0]})") from None
+    _verified(path, tensors, meta)
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
     state: dict[int, dict] = {}
     for key, value in tensors.items():

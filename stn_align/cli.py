@@ -26,6 +26,27 @@ class DefaultCommandGroup(typer.core.TyperGroup):
 
     default_command = "align"
 
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """Usage errors (a bad option value, an unknown command) as one line, ``error: ...``, exit 2."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        import sys
+
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as err:  # Typer's (vendored click's) UsageError, BadParameter, ...
+            if type(err).__name__ == "NoArgsIsHelpError" or not hasattr(err, "format_message"):
+                err.show()  # the help text
+                sys.exit(getattr(err, "exit_code", 2))
+            ctx = getattr(err, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            typer.echo(f"error: {' '.join(err.format_message().split())}{hint}", err=True)
+            sys.exit(getattr(err, "exit_code", 2))
+        except (typer.Abort, KeyboardInterrupt):
+            typer.echo("aborted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
     def parse_args(self, ctx, args):
         if args and self.default_command in self.commands and self._use_default(ctx, args[0]):
             args = [self.default_command, *args]
@@ -176,6 +197,17 @@ def _infer_same(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
+def _infer_check_writable(path: Path, what: str) -> None:
+    """Fail (usage, before any work) unless ``path`` can be written: not a folder, in an existing writable folder."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        fail(f"{path}: {what} is a directory; give a file name", 2)
+    if not parent.is_dir():
+        fail(f"{path}: {what}: no such directory {parent}", 2)
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        fail(f"{path}: {what}: permission denied (not writable)", 2)
+
+
 def _infer_default_output(input: Path) -> Path:
     suffix = input.suffix if input.suffix.lower() in _WRITE_SUFFIXES else ".png"
     return input.with_name(f"{input.stem}.aligned{suffix}")
@@ -195,17 +227,18 @@ def align_command(
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output file (or existing directory). Default: INPUT_NAME.aligned.EXT next to the input."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
     transform: Optional[str] = typer.Option(None, "--transform", help=_TRANSFORM_HELP),
-    iterations: Optional[int] = typer.Option(None, "--iterations", help=_ITERATIONS_HELP),
-    working_size: Optional[int] = typer.Option(None, "--working-size", help=_WORKING_SIZE_HELP),
+    iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help=_ITERATIONS_HELP),
+    working_size: Optional[int] = typer.Option(None, "--working-size", min=64, help=_WORKING_SIZE_HELP),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     fill: str = typer.Option("white", "--fill", help=_FILL_HELP),
     refine: str = typer.Option("ecc", "--refine", help=_REFINE_HELP),
-    min_score: float = typer.Option(0.75, "--min-score", help=_MIN_SCORE_HELP),
+    min_score: float = typer.Option(0.75, "--min-score", min=0.0, max=1.0, help=_MIN_SCORE_HELP),
     fallback: str = typer.Option("features", "--fallback", help=_FALLBACK_HELP),
+    fail_on_suspect: bool = typer.Option(False, "--fail-on-suspect", help="Exit 1 when the alignment is suspect (score below --min-score); the output is still written."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the result record as JSON to FILE, or '-' for stdout.", metavar="FILE|-"),
     mask: str = typer.Option("none", "--mask", help=_MASK_HELP),
     preview: Optional[Path] = typer.Option(None, "--preview", help="Also write a sheet (input | reference | aligned | overlay | checkerboard) to FILE."),
-    max_pixels: int = typer.Option(178_956_970, "--max-pixels", help="Refuse images larger than this many pixels (decompression-bomb guard)."),
+    max_pixels: int = typer.Option(178_956_970, "--max-pixels", min=1, help="Refuse images larger than this many pixels (decompression-bomb guard)."),
 ):
     """Align INPUT onto REF and write the aligned image (also: stn-align INPUT --ref REF)."""
     import json
@@ -225,6 +258,8 @@ def align_command(
             fail(f"{output}: the output would overwrite the {what} (choose another -o)", 2)
         if json_out not in (None, "-") and _infer_same(Path(json_out), other):
             fail(f"{json_out}: the --json file would overwrite the {what}", 2)
+    if json_out not in (None, "-"):
+        _infer_check_writable(Path(json_out), "--json")
     if output.suffix.lower() not in _WRITE_SUFFIXES:
         fail(f"{output}: unsupported output format {output.suffix or '(no suffix)'!r} "
              f"(use one of: {' '.join(_WRITE_SUFFIXES)})", 2)
@@ -251,7 +286,8 @@ def align_command(
         fail(str(err) if isinstance(err, ImageError) else f"{input}: {err}")
     record = {"input": str(input), "reference": str(ref), "output": str(output), **result.to_record(),
               "model": aligner.name}
-    how = {"network": "network", "rotated": "network from a turned start", "features": "SIFT features"}[
+    how = {"network": "network", "rotated": "network from a turned start", "features": "SIFT features",
+           "identity": "input identical to the reference"}[
         result.method.removesuffix("+ecc")] + (" + ECC" if result.refined else "")
     show.print(f"aligned {escape(str(input))} -> [bold]{escape(str(output))}[/bold]  "
                f"({result.transform}, model {escape(aligner.name)}, {how})")
@@ -266,9 +302,13 @@ def align_command(
         typer.echo(json.dumps(record, indent=2))
     elif json_out is not None:
         try:
-            Path(json_out).write_text(json.dumps(record, indent=2) + "\n")
+            from .io import write_text_atomic
+
+            write_text_atomic(Path(json_out), json.dumps(record, indent=2) + "\n")
         except OSError as err:
             fail(f"{json_out}: cannot write ({err.strerror or err})")
+    if fail_on_suspect and result.suspect:
+        raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------------------------------------- batch
@@ -282,41 +322,44 @@ def batch_command(
     ref_dir: Optional[Path] = typer.Option(None, "--ref-dir", help="Folder of references: each input is paired with the reference at the same relative path, or else the same relative name with any image extension."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
     transform: Optional[str] = typer.Option(None, "--transform", help=_TRANSFORM_HELP),
-    iterations: Optional[int] = typer.Option(None, "--iterations", help=_ITERATIONS_HELP),
-    working_size: Optional[int] = typer.Option(None, "--working-size", help=_WORKING_SIZE_HELP),
+    iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help=_ITERATIONS_HELP),
+    working_size: Optional[int] = typer.Option(None, "--working-size", min=64, help=_WORKING_SIZE_HELP),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     fill: str = typer.Option("white", "--fill", help=_FILL_HELP),
     refine: str = typer.Option("ecc", "--refine", help=_REFINE_HELP),
-    min_score: float = typer.Option(0.75, "--min-score", help=_MIN_SCORE_HELP),
+    min_score: float = typer.Option(0.75, "--min-score", min=0.0, max=1.0, help=_MIN_SCORE_HELP),
     fallback: str = typer.Option("features", "--fallback", help=_FALLBACK_HELP),
     mask: str = typer.Option("none", "--mask", help=_MASK_HELP),
     recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Include sub-folders."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo inputs already aligned by a previous run (default: resume, skipping them)."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Pairs per network call."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Threads decoding, refining and encoding images. Default: min(4, CPUs)."),
-    fail_on_suspect: bool = typer.Option(False, "--fail-on-suspect", help="Exit 1 when any alignment is suspect (score below --min-score)."),
-    max_pixels: int = typer.Option(178_956_970, "--max-pixels", help="Refuse images larger than this many pixels (decompression-bomb guard)."),
+    force: bool = typer.Option(False, "--force", help="Redo every input, also those whose output is up to date (default: resume, redoing only what changed)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Let outputs replace files in OUT_DIR that stn-align did not write (default: such an input fails and the file is left as it is)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Pairs per network call."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Threads decoding, refining and encoding images. Default: min(4, CPUs)."),
+    fail_on_suspect: bool = typer.Option(False, "--fail-on-suspect", help="Exit 1 when any alignment of the job is suspect (score below --min-score), skipped ones included."),
+    max_pixels: int = typer.Option(178_956_970, "--max-pixels", min=1, help="Refuse images larger than this many pixels (decompression-bomb guard)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also list the folder entries that were not inputs (other files, unsupported formats, links)."),
     engine: str = typer.Option("local", "--engine", help="local (this machine) or ray (a Ray cluster with Ray Data: an actor pool, one GPU per actor when the cluster has GPUs; needs pip install \"stn-align\\[ray]\" and paths shared by every node)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --engine ray: the cluster, e.g. auto or ray://HOST:10001. Default: RAY_ADDRESS, else a new local Ray."),
 ):
     """Align every image of INPUT_DIR to --ref (or to its counterpart in --ref-dir) into OUT_DIR.
 
-    Resumable: re-running the same command skips inputs whose output exists and whose record in
-    OUT_DIR/alignments.jsonl is ok (same reference and model); failed ones are retried. Exit status:
-    0 all aligned, 1 some failed (each listed at the end), 2 usage error.
+    Resumable: re-running the same command skips inputs whose output is up to date (same input, reference,
+    model and options, output intact; see alignments.jsonl) and redoes the rest, saying why. Files in OUT_DIR
+    that stn-align did not write are never replaced without --overwrite. Ctrl-C or SIGTERM stops after the
+    pairs in progress (a second one at once). Exit status: 0 all aligned, 1 some failed (each listed at the
+    end) or, with --fail-on-suspect, some suspect, 2 usage error, 130/143 stopped by SIGINT/SIGTERM.
     """
+    import contextlib
+    import time
+
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .batch import BatchError, align_directory, check_alpha_outputs, plan_pairs
+    from .batch import BatchError, StopSignals, align_directory, check_alpha_outputs, plan_pairs
     from .io import ImageError, read_image
 
     if (ref is None) == (ref_dir is None):
         fail("give exactly one of --ref FILE or --ref-dir DIR", 2)
-    if batch_size < 1:
-        fail(f"--batch-size must be at least 1, not {batch_size}", 2)
-    if workers is not None and workers < 1:
-        fail(f"--workers must be at least 1, not {workers}", 2)
     _infer_check_options(transform, refine, fill, iterations, min_score, fallback)
     if engine not in ("local", "ray"):
         fail(f"--engine must be local or ray, not {engine!r}", 2)
@@ -331,8 +374,9 @@ def batch_command(
             fail(str(err))
     mask_option = _infer_check_mask(mask)
     show, diag = _infer_consoles()
+    not_inputs: list[tuple[Path, str]] = []
     try:
-        plan = plan_pairs(input_dir, out, ref=ref, ref_dir=ref_dir, recursive=recursive)
+        plan = plan_pairs(input_dir, out, ref=ref, ref_dir=ref_dir, recursive=recursive, skipped=not_inputs)
         if fill == "transparent":
             check_alpha_outputs(plan[0])
         ref_image = read_image(ref, max_pixels=max_pixels) if ref is not None else None
@@ -359,29 +403,41 @@ def batch_command(
                         TimeRemainingColumn(), console=diag, transient=False)
     counts = {"ok": 0, "skipped": 0, "failed": 0}
     task = None
+    plain = {"total": 0, "last": 0.0}  # not a terminal (piped, logged): a plain line every 10 s instead of the bar
 
     def on_start(total: int) -> None:
         nonlocal task
         task = progress.add_task("aligning", total=total, counts="")
+        plain["total"], plain["last"] = total, time.monotonic()
 
     def on_progress(record: dict) -> None:
         counts[record["status"]] = counts.get(record["status"], 0) + 1
         text = f"ok {counts['ok']}" + (f", skipped {counts['skipped']}" if counts["skipped"] else "") + \
             (f", [red]failed {counts['failed']}[/red]" if counts["failed"] else "")
         progress.update(task, advance=1, counts=text)
+        now = time.monotonic()
+        if not diag.is_terminal and now - plain["last"] >= 10:
+            plain["last"] = now
+            done = sum(counts.values())
+            typer.echo(f"progress: {done}/{plain['total']} ({text.replace('[red]', '').replace('[/red]', '')})", err=True)
 
+    def on_signal(signum: int) -> None:
+        name = "SIGTERM" if signum == 15 else "SIGINT"
+        typer.echo(f"{name}: stopping after the pairs in progress (send it again to stop at once)", err=True)
+
+    stopper = StopSignals(on_first=on_signal) if engine == "local" else None
     try:
-        with progress:
-            common = dict(ref=ref, ref_dir=ref_dir, recursive=recursive, overwrite=overwrite, batch_size=batch_size,
-                          workers=workers, on_progress=on_progress, on_start=on_start, plan=plan, ref_image=ref_image,
-                          max_pixels=max_pixels)
+        with progress, (stopper or contextlib.nullcontext()):
+            common = dict(ref=ref, ref_dir=ref_dir, recursive=recursive, force=force, overwrite=overwrite,
+                          batch_size=batch_size, workers=workers, on_progress=on_progress, on_start=on_start, plan=plan,
+                          ref_image=ref_image, max_pixels=max_pixels)
             if engine == "ray":
                 from .ray_engine import align_directory_ray
 
                 summary = align_directory_ray(aligner, input_dir, out, address=ray_address, device=device,
                                               on_info=lambda text: diag.print(escape(text)), **common)
             else:
-                summary = align_directory(aligner, input_dir, out, **common)
+                summary = align_directory(aligner, input_dir, out, stop=stopper.event, **common)
     except KeyboardInterrupt:
         diag.print(f"interrupted; finished pairs are recorded in {escape(str(Path(out) / 'alignments.jsonl'))}: "
                    "re-run the same command to resume")
@@ -391,12 +447,32 @@ def batch_command(
     except (ImageError, ValueError, RuntimeError, OSError) as err:
         fail(str(err))
 
+    for line in summary.warnings:
+        diag.print(f"[yellow]warning:[/yellow] {escape(line)}")
     show.print(f"aligned {summary.aligned}, skipped {summary.skipped}, failed {summary.failed}, "
                f"suspect {summary.suspect} in {summary.seconds:.1f} s ({summary.pairs_per_second:.2f} pairs/s)")
+    if summary.redone:
+        total = sum(summary.redone.values())
+        why = ", ".join(f"{reason} {n}" if len(summary.redone) > 1 else reason for reason, n in sorted(summary.redone.items()))
+        show.print(f"{total} redone: {escape(why)}")
     show.print(f"manifest: {escape(str(summary.manifest))}")
+    if not_inputs:
+        diag.print(f"not inputs: {len(not_inputs)} entr{'y' if len(not_inputs) == 1 else 'ies'} of "
+                   f"{escape(str(input_dir))} skipped" + ("" if verbose else " (--verbose lists them)"))
+        if verbose:
+            for path, reason in not_inputs:
+                typer.echo(f"  {path}: {reason}", err=True)
+    if summary.gone:
+        shown = ", ".join(summary.gone[:10]) + (f" and {len(summary.gone) - 10} more" if len(summary.gone) > 10 else "")
+        diag.print(f"[yellow]gone:[/yellow] {len(summary.gone)} input(s) recorded in the manifest no longer exist "
+                   f"(their outputs are kept): {escape(shown)}")
     if summary.suspects:
         shown = ", ".join(summary.suspects[:10]) + (f" and {len(summary.suspects) - 10} more" if len(summary.suspects) > 10 else "")
         diag.print(f"[yellow]suspect[/yellow] (score < {min_score:g}; check these outputs): {escape(shown)}")
+    if summary.interrupted and stopper is not None and stopper.signum is not None:
+        name = "SIGTERM" if stopper.signum == 15 else "SIGINT"
+        typer.echo(f"stopped by {name}: every finished pair is recorded; re-run the same command to resume", err=True)
+        raise typer.Exit(stopper.exit_code)
     if summary.failures:
         diag.print(f"[red]{summary.failed} failed:[/red]")
         for message in summary.failures:
@@ -414,21 +490,21 @@ def train(
     data_dir: Path = typer.Argument(..., help="Folder of photos (searched recursively, any common image format)."),
     out: Path = typer.Option(..., "-o", "--out", help="Model file to write (MODEL.safetensors; training state goes beside it)."),
     transform: str = typer.Option("projective", help="affine (6 parameters) or projective (8)."),
-    size: int = typer.Option(128, help="Working resolution in pixels (multiple of 32)."),
+    size: int = typer.Option(128, min=64, help="Working resolution in pixels (multiple of 32)."),
     architecture: str = typer.Option("iterative", help="iterative (coarse global stage + local-correlation updates) or global (0.1's)."),
-    steps: int = typer.Option(20000, help="Optimizer steps."),
-    batch_size: int = typer.Option(32, help="Pairs per step."),
+    steps: int = typer.Option(20000, min=1, help="Optimizer steps."),
+    batch_size: int = typer.Option(32, min=1, help="Pairs per step."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
-    warmup: int = typer.Option(300, help="Linear warm-up steps."),
+    warmup: int = typer.Option(300, min=0, help="Linear warm-up steps."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    workers: int = typer.Option(1, help="Data-generating worker processes."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for the network (default: torch's choice)."),
-    val_fraction: float = typer.Option(0.1, help="Fraction of photos held out for validation."),
+    workers: int = typer.Option(1, min=0, help="Data-generating worker processes."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for the network (default: torch's choice)."),
+    val_fraction: float = typer.Option(0.1, min=0.0, max=0.99, help="Fraction of photos held out for validation."),
     resume: Optional[Path] = typer.Option(None, help="Continue from MODEL.safetensors (or its .state.safetensors)."),
     init: Optional[str] = typer.Option(None, help="Start from a model's weights (fine-tuning): a shipped name, e.g. default, or a path."),
     init_lr_scale: float = typer.Option(1.0, help="Learning-rate factor for the weights taken from --init (0 freezes them; new parts train at --lr)."),
     seed: int = typer.Option(0, help="Seed of the pair sampler (training data is a function of seed and step)."),
-    iterations: Optional[int] = typer.Option(None, help="Rounds unrolled in training (default: 4 updates iterative, 2 rounds global)."),
+    iterations: Optional[int] = typer.Option(None, min=1, help="Rounds unrolled in training (default: 4 updates iterative, 2 rounds global)."),
     p_crop: float = typer.Option(0.5, help="Fraction of crop pairs (DeTone); the rest are whole-image warps with fill."),
     max_rotation: float = typer.Option(45.0, help="Whole-image warps: rotation range, degrees."),
     max_scale: float = typer.Option(1.43, help="Whole-image warps: scale factor range [1/F, F]."),
@@ -436,10 +512,11 @@ def train(
     max_translation: float = typer.Option(0.15, help="Whole-image warps: translation, fraction of the size."),
     max_perspective: float = typer.Option(0.12, help="Whole-image warps: corner jitter, fraction of the size (projective)."),
     crop_rho: float = typer.Option(0.25, help="Crop pairs: corner jitter, fraction of the crop size."),
-    eval_every: int = typer.Option(1000, help="Validate every N steps."),
-    eval_every_seconds: Optional[float] = typer.Option(None, help="Also validate every N seconds of wall time (learning curves)."),
-    checkpoint_every: int = typer.Option(500, help="Checkpoint every N steps."),
-    stop_after: Optional[int] = typer.Option(None, help="Stop (with a checkpoint) at this step; continue later with --resume."),
+    eval_every: int = typer.Option(1000, min=1, help="Validate every N steps."),
+    eval_every_seconds: Optional[float] = typer.Option(None, min=1.0, help="Also validate every N seconds of wall time (learning curves)."),
+    checkpoint_every: int = typer.Option(500, min=1, help="Checkpoint every N steps."),
+    stop_after: Optional[int] = typer.Option(None, min=1, help="Stop (with a checkpoint) at this step; continue later with --resume."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model at -o (default: refused; --resume continues it)."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes (one per GPU, or CPU processes; "
                               "the batch is split across them). Same as torchrun --nproc_per_node N -m stn_align.train."),
 ):
@@ -464,7 +541,14 @@ def train(
                          init_lr_scale=init_lr_scale,
                          iterations=iterations, p_crop=p_crop, ranges=ranges, eval_every=eval_every,
                          eval_every_seconds=eval_every_seconds,
-                         checkpoint_every=checkpoint_every, stop_after=stop_after)
+                         checkpoint_every=checkpoint_every, stop_after=stop_after, overwrite=overwrite)
+    from .train import check_destination
+
+    try:
+        config.check()
+        check_destination(config)
+    except ValueError as err:
+        fail(str(err), 2)
     try:
         result = run_training(config) if nproc == 1 else launch(config, nproc)
     except KeyboardInterrupt:
@@ -582,7 +666,7 @@ def eval_command(
     baselines: str = typer.Option("identity", "--baselines", help="Comma-separated OpenCV baselines run side by side: identity, orb, sift, ecc ('' for none)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary and every pair's result as JSON to FILE."),
     synthetic: bool = typer.Option(False, "--synthetic", help="PAIRS_DIR is a folder of photos: make random pairs with known ground truth from them."),
-    n: int = typer.Option(100, "--n", help="--synthetic: number of pairs."),
+    n: int = typer.Option(100, "--n", min=1, help="--synthetic: number of pairs."),
     transform: Optional[str] = typer.Option(None, "--transform", help="--synthetic: affine or projective pairs; also the baselines' motion model. Default: the model's."),
     size: str = typer.Option("256", "--size", help="--synthetic: pair size, WxH, or N (crops: N x N; whole-image warps: longer side N, the photo's aspect)."),
     rho: Optional[float] = typer.Option(None, "--rho", help="--synthetic: corner jitter, fraction of the size (default 0.25 for crops, 0.12 perspective for whole-image warps)."),
@@ -591,11 +675,11 @@ def eval_command(
     seed: int = typer.Option(0, "--seed", help="--synthetic: random seed (same seed, same pairs)."),
     save_pairs: Optional[Path] = typer.Option(None, "--save-pairs", help="--synthetic: also write the pairs as a pair set to DIR."),
     preview: Optional[Path] = typer.Option(None, "--preview", help="Write preview sheets of the worst and of random pairs (model's results) to DIR."),
-    preview_n: int = typer.Option(8, "--preview-n", help="Pairs per preview group (worst, random)."),
+    preview_n: int = typer.Option(8, "--preview-n", min=0, help="Pairs per preview group (worst, random)."),
     mask: str = typer.Option("none", "--mask", help="none, auto (refinement and score look at each reference's foreground only) or FILE (one mask for every reference)."),
-    iterations: Optional[int] = typer.Option(None, "--iterations", help="Network refinement rounds (default: the model's own)."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help="Network refinement rounds (default: the model's own)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch and OpenCV (default: their own choice); timings depend on it."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch and OpenCV (default: their own choice); timings depend on it."),
 ):
     """Measure accuracy and speed on pairs with known ground truth, side by side with OpenCV baselines.
 

@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "ImageError",
+    "UNSUPPORTED_EXTENSIONS",
     "from_float",
     "is_image_file",
     "list_images",
@@ -39,12 +40,21 @@ __all__ = [
 DEFAULT_MAX_PIXELS = 178_956_970
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"}
+    {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".tif", ".tiff", ".bmp"}
 )
+#: Image formats a photo folder may hold that stn-align does not read; listings name them as skipped.
+UNSUPPORTED_EXTENSIONS: dict[str, str] = {
+    **dict.fromkeys((".gif", ".apng"), "animated/palette format, convert to PNG"),
+    **dict.fromkeys((".heic", ".heif", ".avif"), "HEIF/AVIF, convert to JPEG or PNG"),
+    **dict.fromkeys((".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf", ".raw", ".srw", ".pef"),
+                    "camera RAW, develop to TIFF or JPEG first"),
+    **dict.fromkeys((".psd", ".psb", ".svg", ".eps", ".pdf", ".jp2", ".jxl", ".exr", ".hdr"), "not a supported image format"),
+}
 
 _WRITE_FORMATS = {
     ".jpg": "JPEG",
     ".jpeg": "JPEG",
+    ".jfif": "JPEG",
     ".png": "PNG",
     ".webp": "WEBP",
     ".tif": "TIFF",
@@ -99,6 +109,10 @@ def read_image(
                 limit = _pillow_pixel_limit(max_pixels) if raise_limit else contextlib.nullcontext()
                 with limit:
                     im.load()  # full decode: this is what detects truncated data
+                if im.format == "JPEG":
+                    damage = jpeg_damage(p)
+                    if damage:
+                        raise ImageError(p, f"corrupt JPEG data (libjpeg: {damage})")
                 if _needs_opencv(p, im):
                     arr = _decode_opencv(p)
                     arr = _apply_orientation(arr, _orientation(im))
@@ -117,6 +131,45 @@ def read_image(
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
         raise ImageError(p, "truncated or corrupt image data") from e
     return np.ascontiguousarray(arr)
+
+
+_JPEG_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG file", "Invalid JPEG file structure")
+_STDERR_LOCK = threading.Lock()
+
+
+def jpeg_damage(path: str | os.PathLike[str]) -> str | None:
+    """libjpeg's first corrupt-data warning for a JPEG file (e.g. ``bad Huffman code``), or None if it decodes cleanly.
+
+    Pillow decodes damaged scans without a word (grey blocks, shifted colours); libjpeg warns. The file
+    is decoded once more by OpenCV's libjpeg at 1/8 scale (the entropy decoding, where damage shows,
+    in full; about 1/7 of a full decode), with the process's stderr captured meanwhile; other text
+    written to stderr in that window is passed on.
+    """
+    import tempfile
+
+    import cv2
+
+    data = np.fromfile(path, dtype=np.uint8)
+    with _STDERR_LOCK, tempfile.TemporaryFile() as capture:
+        with contextlib.suppress(Exception):
+            import sys
+
+            sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(capture.fileno(), 2)
+            cv2.imdecode(data, cv2.IMREAD_REDUCED_GRAYSCALE_8)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        capture.seek(0)
+        text = capture.read().decode("utf-8", "replace")
+    lines = text.splitlines()
+    found = [line.strip() for line in lines if line.startswith(_JPEG_WARNINGS)]
+    others = [line for line in lines if not line.startswith(_JPEG_WARNINGS)]
+    if others:
+        os.write(2, ("\n".join(others) + "\n").encode())
+    return found[0].removeprefix("Corrupt JPEG data: ") if found else None
 
 
 def _check_readable_file(p: Path) -> None:
@@ -344,6 +397,15 @@ def _composite_on_white(arr: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(out), 0, top).astype(arr.dtype)
 
 
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write a text file (UTF-8) atomically, with the umask's permissions; OSError on failure."""
+    p = Path(path)
+    try:
+        _atomic_write(p, text.encode("utf-8"))
+    except ImageError as err:
+        raise OSError(err.reason) from err
+
+
 def _atomic_write(p: Path, data: bytes) -> None:
     parent = p.parent
     try:
@@ -426,6 +488,7 @@ def list_images(
     recursive: bool = True,
     exclude: Path | None = None,
     problems: list[tuple[Path, str]] | None = None,
+    skipped: list[tuple[Path, str]] | None = None,
 ) -> list[Path]:
     """Image files under ``root`` (``root / relative``), sorted by relative path parts.
 
@@ -434,6 +497,9 @@ def list_images(
     e.g. an output folder inside the input folder) is not entered. Raises :class:`ImageError`
     for a root that is missing, not a directory or not readable; a sub-directory that cannot be
     listed raises too, unless ``problems`` is a list, which then collects ``(folder, reason)``.
+    ``skipped`` collects ``(path, reason)`` for every other non-hidden entry left out: files of
+    another type or an unsupported image format, dangling links, FIFOs and other special files,
+    symlinked folders, and sub-folders when not ``recursive``.
     """
     base = Path(root)
     found: list[tuple[str, ...]] = []
@@ -460,14 +526,29 @@ def list_images(
         for entry in entries:
             if entry.name.startswith("."):
                 continue
+            reason = None
             try:
                 if entry.is_dir(follow_symlinks=False):
                     if recursive:
                         walk(Path(entry.path), (*rel, entry.name))
-                elif entry.is_file() and is_image_file(entry.name):
+                    else:
+                        reason = "sub-folder (not searched without recursion)"
+                elif entry.is_symlink() and entry.is_dir():
+                    reason = "symlinked folder (not followed)"
+                elif entry.is_symlink() and not os.path.exists(entry.path):
+                    reason = "dangling symlink"
+                elif not entry.is_file():
+                    reason = "not a regular file (FIFO, socket or device)"
+                elif is_image_file(entry.name):
                     found.append((*rel, entry.name))
-            except OSError:
-                continue  # vanished or dangling entry
+                else:
+                    suffix = Path(entry.name).suffix.lower()
+                    reason = (f"unsupported image format {suffix} ({UNSUPPORTED_EXTENSIONS[suffix]})"
+                              if suffix in UNSUPPORTED_EXTENSIONS else "not an image file name")
+            except OSError as e:
+                reason = f"cannot access ({e.strerror or e})"
+            if reason is not None and skipped is not None:
+                skipped.append((Path(entry.path), reason))
 
     walk(base, ())
     return [base.joinpath(*parts) for parts in sorted(found)]

@@ -87,7 +87,7 @@ def align_directory_ray(
     ref: Path | str | None = None,
     ref_dir: Path | str | None = None,
     recursive: bool = True,
-    overwrite: bool = False,
+    force: bool = False,
     batch_size: int = 16,
     workers: Optional[int] = None,
     on_progress: Optional[Callable[[dict], None]] = None,
@@ -99,6 +99,7 @@ def align_directory_ray(
     device: str = "auto",
     actors: Optional[int] = None,
     on_info: Optional[Callable[[str], None]] = None,
+    overwrite: bool = False,
 ) -> BatchSummary:
     """:func:`stn_align.batch.align_directory` on a Ray cluster (see the module docstring); same arguments, plus:
 
@@ -125,7 +126,7 @@ def align_directory_ray(
     pairs, excluded, shared_ref, _ = prepare(aligner, input_dir, out_dir, ref, ref_dir, recursive, batch_size,
                                              workers, max_pixels, plan, ref_image)
     summary = BatchSummary(total=len(pairs), excluded_out_dir=excluded)
-    with open_run(aligner, pairs, out_dir, summary, overwrite, on_progress, on_start) as run:
+    with open_run(aligner, pairs, out_dir, summary, force, on_progress, on_start, overwrite) as run:
         if run.todo:
             connected_here = not ray.is_initialized()
             if connected_here:
@@ -181,6 +182,7 @@ def _run(ray, aligner, run: BatchRun, batch_size: int, workers: Optional[int], m
         num_cpus=1 if use_gpu else min(threads, cpus))  # never more than the cluster has: it would wait forever
 
     pending = {p.rel: p for p in run.todo}
+    run.begin(run.todo)  # the actors may write any of these outputs from now on
     try:
         for row in dataset.iter_rows():
             record = json.loads(row["record"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -59,9 +60,58 @@ class TrainConfig:
     init: str | None = None  # start from a model's weights (fine-tuning); head kept if shapes match
     init_lr_scale: float = 1.0  # learning-rate factor of the weights taken from `init` (0 freezes them; new parts train at `lr`)
     max_photos: int | None = None
+    overwrite: bool = False  # replace an existing model at `out` (without it, only `resume` from it may)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def check(self) -> None:
+        """ValueError (one line) for settings that cannot train: checked before any photo is read."""
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "eval_every": self.eval_every,
+                    "checkpoint_every": self.checkpoint_every, "log_every": self.log_every, "val_pairs": self.val_pairs}
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+        if self.size < 64 or self.size % 32:
+            raise ValueError(f"--size must be a multiple of 32, at least 64, not {self.size}")
+        if not self.lr > 0 or self.warmup < 0 or self.workers < 0 or (self.threads is not None and self.threads < 1):
+            raise ValueError("--lr must be positive, --warmup and --workers at least 0, --threads at least 1")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in [0, 1), not {self.val_fraction}")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError(f"--stop-after must be at least 1, not {self.stop_after}")
+
+
+def check_destination(config: TrainConfig) -> None:
+    """Refuse, before training, a model path that would destroy something or could not be written (ValueError,
+    one line): a path inside the training photos, a folder, a file that is not an stn-align model, an existing
+    model unless ``resume`` continues it or ``overwrite`` is set, a folder that cannot be written."""
+    from .checkpoint import CheckpointError, read_metadata
+
+    out = Path(config.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"{out}: the model file must end in .safetensors")
+    data = Path(config.data_dir).resolve()
+    if out.resolve() == data or data in out.resolve().parents:
+        raise ValueError(f"{out}: inside the training photos {config.data_dir}; write the model elsewhere")
+    if out.is_dir():
+        raise ValueError(f"{out}: is a directory; give a file name such as {out / 'model.safetensors'}")
+    for path in (out, state_path(out)):
+        if not path.exists():
+            continue
+        try:
+            read_metadata(path)
+        except CheckpointError:
+            raise ValueError(f"{path}: exists and is not an stn-align model; not overwritten (choose another -o)") from None
+    resuming = config.resume is not None and Path(config.resume).resolve() in (out.resolve(), state_path(out).resolve())
+    if out.exists() and not (resuming or config.overwrite):
+        raise ValueError(f"{out}: a model already exists there; continue it with --resume {out}, "
+                         "or replace it with --overwrite")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{out}: cannot write there ({parent}: permission denied or not a directory)")
 
 
 def find_photos(data_dir: str | Path) -> list[Path]:
@@ -168,6 +218,8 @@ def train(config: TrainConfig, log=print) -> dict:
 
     Under torchrun (``WORLD_SIZE`` > 1) every process trains its share of each batch; see :class:`Distributed`.
     """
+    config.check()
+    check_destination(config)
     ddp = setup_distributed(config.device)
     try:
         return _train(config, log if ddp.main else (lambda *_: None), ddp)

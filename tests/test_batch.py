@@ -146,8 +146,8 @@ def test_single_ref_tree_bad_inputs_and_resume(tree, model_file):
     result = batch(*args)
     assert summary_line(result).startswith("aligned 1, skipped 3, failed 5")
     assert (out / "sub" / "b.jpg").is_file()
-    # --overwrite redoes everything
-    result = batch(*args, "--overwrite")
+    # --force redoes everything
+    result = batch(*args, "--force")
     assert summary_line(result).startswith("aligned 4, skipped 0, failed 5")
     assert len(manifest(out)) == 9
     # fixing the bad inputs: only they are done on the next run, exit 0
@@ -190,7 +190,7 @@ def test_ref_dir_pairing(tmp_path, model_file):
     assert "p4.jpg, p4.tif" in records["p4.png"]["error"]
     # a reference that cannot be read fails its pair only
     (refs / "sub" / "p2.png").write_bytes(b"")
-    result = batch(src, "-o", out, "--ref-dir", refs, "--model", model_file, "--device", "cpu", "--overwrite")
+    result = batch(src, "-o", out, "--ref-dir", refs, "--model", model_file, "--device", "cpu", "--force")
     records = {r["input"]: r for r in manifest(out)}
     assert records["sub/p2.jpg"]["error"] == f"{refs / 'sub' / 'p2.png'}: empty file (0 bytes)"
     assert records["p1.png"]["status"] == "ok"
@@ -237,7 +237,7 @@ def test_out_dir_inside_input_dir_is_left_out(tmp_path, model_file):
     assert result.exit_code == 0, result.output
     assert "left out of the inputs" in result.stderr
     assert summary_line(result).startswith("aligned 2, skipped 0")
-    result = batch(*args, "--overwrite")  # the outputs are not picked up as inputs
+    result = batch(*args, "--force")  # the outputs are not picked up as inputs
     assert summary_line(result).startswith("aligned 2, skipped 0, failed 0")
     assert sorted(r["input"] for r in manifest(out)) == ["a.png", "s/b.png"]
     assert not (out / "aligned").exists()
@@ -253,7 +253,7 @@ def test_fail_on_suspect(tmp_path, model_file):
     assert result.exit_code == 0 and "suspect 1" in summary_line(result)
     assert "a.png" in result.stderr  # suspects are named
     assert manifest(tmp_path / "out")[0]["suspect"] is True
-    assert batch(*args, "--overwrite", "--fail-on-suspect").exit_code == 1
+    assert batch(*args, "--force", "--fail-on-suspect").exit_code == 1
 
 
 # --------------------------------------------------------------------------------------------- engine
@@ -274,7 +274,7 @@ def test_engine_progress_and_killed_run(tmp_path, model_file):
     assert sorted(r["input"] for r in seen) == names and all(r["status"] == "ok" for r in seen)
     # simulate a run killed mid-way: duplicate appended records and a half-written last line
     lines = (out / MANIFEST_NAME).read_text().splitlines()
-    broken = [*lines, lines[0], lines[1].replace('"ok"', '"failed"'), lines[2][:40]]
+    broken = [*lines, lines[0], lines[1].replace('"status": "ok"', '"status": "failed", "owned": true'), lines[2][:40]]
     (out / MANIFEST_NAME).write_text("\n".join(broken))
     records = read_manifest(out / MANIFEST_NAME)
     assert len(records) == 5 and records["01.png"]["status"] == "failed"  # last record wins
@@ -284,9 +284,12 @@ def test_engine_progress_and_killed_run(tmp_path, model_file):
     assert [r["input"] for r in seen if r["status"] == "ok"] == ["01.png"]
     final = manifest(out)
     assert [r["input"] for r in final] == names and all(r["status"] == "ok" for r in final)
-    # another reference is not the same job: redone without --overwrite
-    other = put(tmp_path / "ref2.png", ref_image)
-    assert align_directory(aligner, src, out, ref=other).aligned == 5
+    # the same reference content under another path is the same job; another reference is not
+    same = put(tmp_path / "copy" / "ref.png", ref_image)
+    assert align_directory(aligner, src, out, ref=same).skipped == 5
+    other = put(tmp_path / "ref2.png", base_image(1))
+    summary = align_directory(aligner, src, out, ref=other)
+    assert summary.aligned == 5 and summary.redone == {"reference changed": 5}
 
 
 def test_engine_setup_errors(tmp_path, model_file):
@@ -395,7 +398,7 @@ def test_the_lock_is_held_during_the_run_and_released_on_interrupt(tmp_path, mod
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        align_directory(aligner, src, out, ref=ref, overwrite=True, on_progress=interrupt)
+        align_directory(aligner, src, out, ref=ref, force=True, on_progress=interrupt)
     assert not lock.exists()
     assert [r["input"] for r in manifest(out)] == ["a.png"]
     with OutputLock(out) as held:  # free again

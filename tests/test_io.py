@@ -421,7 +421,7 @@ def test_is_image_file() -> None:
     assert not sio.is_image_file("a/.hidden.png")
     assert not sio.is_image_file("notes.txt")
     assert not sio.is_image_file("png")
-    assert sio.IMAGE_EXTENSIONS == frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"})
+    assert sio.IMAGE_EXTENSIONS == frozenset({".jpg", ".jpeg", ".jfif", ".png", ".webp", ".tif", ".tiff", ".bmp"})
 
 
 def test_list_images_order_recursion_hidden(tmp_path: Path) -> None:
