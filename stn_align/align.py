@@ -33,8 +33,9 @@ FALLBACKS = ("features", "rotations", "none")
 #: Quarter turns of the input (``np.rot90``'s k: 90, 180, 270 degrees) the safety net starts the network from.
 TURNS = (1, 2, 3)
 #: Which path produced a result (:attr:`AlignResult.method`); ``+ecc``: the ECC polish was kept.
-#: ``identity``: the input is pixel for pixel the reference (the matrix is exactly the identity).
-METHODS = ("network", "network+ecc", "rotated", "rotated+ecc", "features", "features+ecc", "identity")
+#: ``identity``: the identity matrix (same-size images where nothing moved scores best; exact when the input is
+#: pixel for pixel the reference).
+METHODS = ("network", "network+ecc", "rotated", "rotated+ecc", "features", "features+ecc", "identity", "identity+ecc")
 
 
 @dataclass
@@ -44,9 +45,9 @@ class AlignResult:
     ``method`` says which hypothesis won (one of :data:`METHODS`): ``network`` (the network's estimate),
     ``rotated`` (the network started from the input turned by 90, 180 or 270 degrees) or ``features``
     (SIFT + MAGSAC), with ``+ecc`` when the ECC polish was kept (then ``refined`` is True).
-    ``hypotheses`` holds the score of every hypothesis tried (``network``, ``rotated90``, ``rotated180``,
-    ``rotated270``, ``features``), after its polish, in the order tried (the safety net stops at the first
-    that reaches ``min_score``); more than one entry means the safety net fired.
+    ``hypotheses`` holds the score of every hypothesis tried (``network``, ``identity`` when it beat the network,
+    ``rotated90``, ``rotated180``, ``rotated270``, ``features``), after its polish, in the order tried (the safety
+    net stops at the first that reaches ``min_score``); :attr:`fallback_fired` says whether the safety net fired.
     """
 
     matrix: np.ndarray
@@ -63,7 +64,7 @@ class AlignResult:
     @property
     def fallback_fired(self) -> bool:
         """True if the score of the network's result was below ``min_score`` and the safety net tried more."""
-        return len(self.hypotheses) > 1
+        return any(name.startswith(("rotated", "features")) for name in self.hypotheses)
 
     def to_record(self) -> dict:
         """JSON-ready summary (no pixels)."""
@@ -360,7 +361,8 @@ class Aligner:
         gray_in = to_gray(image_in)
         gray_ref = to_gray(image_ref) if ref_gray is None else ref_gray
         region = resolve_mask(self.mask if mask is None else mask, image_ref)
-        if image_in.shape == image_ref.shape and image_in.dtype == image_ref.dtype and np.array_equal(image_in, image_ref):
+        exact = image_in.shape == image_ref.shape and image_in.dtype == image_ref.dtype and np.array_equal(image_in, image_ref)
+        if exact:
             identity = np.eye(3)  # the same pixels: nothing to estimate, and the exact answer is known
             score = alignment_score(gray_in, gray_ref, identity, mask=region)
             best, hypotheses = _Candidate(identity, score, False, "identity"), {"identity": score}
@@ -369,7 +371,12 @@ class Aligner:
                 raise ValueError("the network's estimate is not finite (is the model file damaged?)")
             best = self._polish("network", matrix, gray_in, gray_ref, region)
             hypotheses = {"network": best.score}
-        if best.score < self.min_score and self.fallback != "none" and best.method != "identity":
+            if image_in.shape[:2] == image_ref.shape[:2]:  # the same frame: "nothing moved" is a hypothesis too
+                still = alignment_score(gray_in, gray_ref, np.eye(3), mask=region)
+                if still > best.score:  # e.g. a re-saved copy of the reference, where the network is a pixel off
+                    best = max(best, self._polish("identity", np.eye(3), gray_in, gray_ref, region), key=lambda c: c.score)
+                    hypotheses["identity"] = best.score
+        if best.score < self.min_score and self.fallback != "none" and not exact:
             starts = [(f"rotated{90 * k}", "rotated", m) for k, m in zip(TURNS, self.estimate_turned(image_in, image_ref))]
             if self.fallback == "features":
                 found = baselines.sift(gray_in, gray_ref, self.transform, max_side=1024)

@@ -13,21 +13,24 @@ The output tree mirrors the input tree: ``OUT_DIR/REL`` for ``INPUT_DIR/REL`` (s
 An ``OUT_DIR`` inside ``INPUT_DIR`` is allowed and not entered when listing the inputs; ``OUT_DIR`` equal
 to ``INPUT_DIR`` (or to ``REF_DIR``) is refused. No output may ever be an input or a reference file.
 
-Manifest ``OUT_DIR/alignments.jsonl``: one JSON object per input, fields ``input``, ``reference``,
-``output`` (relative to INPUT_DIR, REF_DIR, OUT_DIR; a single ``--ref`` is recorded as given),
-``matrix`` (3x3, input pixels -> reference pixels), ``transform``, ``score``, ``suspect``,
-``refined``, ``method`` (the winning path: ``network``, ``rotated`` or ``features``, ``+ecc`` when polished;
-see :class:`stn_align.align.AlignResult`), ``model``, ``status`` (``ok`` / ``failed``) and ``error`` (failed only). During a run each
-record is appended and flushed as soon as its pair is done, so a killed run keeps its work; at the end
-(and at the start, and after an interruption) the file is rewritten atomically with one record per
-input, the last one winning, sorted by input path. A sub-folder of INPUT_DIR that cannot be listed gets
-a ``failed`` record of its own (``input`` is the folder) and the run goes on; an unreadable INPUT_DIR is
-an error before any work.
+Manifest ``OUT_DIR/alignments.jsonl`` (:mod:`stn_align.manifest`): one JSON object per input, fields ``input``,
+``reference``, ``output`` (relative to INPUT_DIR, REF_DIR, OUT_DIR; a single ``--ref`` is recorded as given),
+``matrix`` (3x3, input pixels -> reference pixels), ``transform``, ``score``, ``suspect``, ``refined``, ``method``
+(the winning path: ``network``, ``rotated``, ``features`` or ``identity``, ``+ecc`` when polished; see
+:class:`stn_align.align.AlignResult`), ``model``, ``status`` (``ok`` / ``failed``), ``error`` (failed only), and
+for ``ok`` records ``output_bytes`` and the ``fingerprint`` (input, reference, model weights, options). During a
+run the manifest is a journal: a ``writing`` record (fsynced) before a pair's output may be written, its
+``ok`` or ``failed`` record (fsynced) when it is done, so a killed run keeps its work and no output exists
+without a record. At the start and the end (and after an interruption) the file is rewritten atomically
+with one record per input, the last one winning, sorted by input path. A sub-folder of INPUT_DIR that cannot
+be listed gets a ``failed`` record of its own (``input`` is the folder) and the run goes on; an unreadable
+INPUT_DIR is an error before any work.
 
-Resume: an input is skipped (counted ``skipped``; its ``ok`` record is kept as is) when its latest
-record is ``ok``, its output file exists, and it was made against the same reference with the same
-model. Anything else - failed pairs, deleted outputs, another reference or model - is redone;
-``overwrite=True`` redoes everything.
+Resume: an input is skipped (counted ``skipped``; its ``ok`` record is kept as is) only when its input and
+reference content, the model's weights and the output-changing options match its record and its output file
+still has the recorded size (:func:`manifest.resume_decision`); anything else is redone and the reason
+counted (``summary.redone``). ``force=True`` redoes everything. An output path holding a file that the
+manifest does not claim (the user's own) is never written: that pair fails, unless ``overwrite=True``.
 
 One writer per output folder: a run holds ``OUT_DIR/.stn-align.lock`` (its pid and host) from start to end
 (:class:`OutputLock`); a second run on the same OUT_DIR is refused while the first is alive, and the lock of a

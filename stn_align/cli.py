@@ -287,7 +287,7 @@ def align_command(
     record = {"input": str(input), "reference": str(ref), "output": str(output), **result.to_record(),
               "model": aligner.name}
     how = {"network": "network", "rotated": "network from a turned start", "features": "SIFT features",
-           "identity": "input identical to the reference"}[
+           "identity": "identity, nothing moved"}[
         result.method.removesuffix("+ecc")] + (" + ECC" if result.refined else "")
     show.print(f"aligned {escape(str(input))} -> [bold]{escape(str(output))}[/bold]  "
                f"({result.transform}, model {escape(aligner.name)}, {how})")
@@ -727,7 +727,8 @@ def eval_command(
         motion = transform or aligner.transform
         if synthetic:
             spec = Synthetic(mode, parse_size(size), motion, rho, photometric, keep_aspect="x" not in size.lower())
-            pairs = synthetic_pairs(PhotoFolder(pairs_dir), n, spec, seed=seed)
+            folder = PhotoFolder(pairs_dir, on_skip=lambda message: diag.print(f"skipped {escape(message)}"))
+            pairs = synthetic_pairs(folder, n, spec, seed=seed)
             if save_pairs is not None:
                 save_pair_set(pairs, save_pairs)
                 diag.print(f"wrote {len(pairs)} pairs to {escape(str(save_pairs))}")

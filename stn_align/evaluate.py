@@ -180,10 +180,11 @@ class PhotoFolder:
     """The photos under a folder as a lazy sequence of ``(H, W, 3)`` uint8 arrays (loaded on first use,
     longer side at most ``max_side``); for :func:`synthetic_pairs` on a user's folder."""
 
-    def __init__(self, directory: str | Path, max_side: int = 1024):
+    def __init__(self, directory: str | Path, max_side: int = 1024, on_skip=None):
         from .io import list_images
 
-        self.paths, self.max_side, self._cache = list_images(directory), max_side, {}
+        self.directory, self.on_skip = directory, on_skip
+        self.paths, self.max_side, self._cache, self.bad = list_images(directory), max_side, {}, set()
         if not self.paths:
             raise PairSetError(f"{directory}: no images found")
 
@@ -191,11 +192,25 @@ class PhotoFolder:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> np.ndarray:
+        """Photo ``index``; an unreadable one is reported once (``on_skip`` with its one-line error) and the
+        next readable photo stands in for it. :class:`PairSetError` when none can be read."""
         from .data import load_photo
+        from .io import ImageError
 
-        if index not in self._cache:
-            self._cache[index] = load_photo(self.paths[index], self.max_side)
-        return self._cache[index]
+        for k in range(len(self.paths)):
+            i = (index + k) % len(self.paths)
+            if i in self.bad:
+                continue
+            if i not in self._cache:
+                try:
+                    self._cache[i] = load_photo(self.paths[i], self.max_side)
+                except ImageError as err:
+                    self.bad.add(i)
+                    if self.on_skip:
+                        self.on_skip(str(err))
+                    continue
+            return self._cache[i]
+        raise PairSetError(f"{self.directory}: none of the {len(self.paths)} images can be read")
 
 
 def synthetic_pair(photo: np.ndarray, rng: np.random.Generator, spec: Synthetic, name: str = "", group: str = "") -> Pair:

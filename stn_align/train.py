@@ -89,11 +89,11 @@ def check_destination(config: TrainConfig) -> None:
     from .checkpoint import CheckpointError, read_metadata
 
     out = Path(config.out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"{out}: the model file must end in .safetensors")
     data = Path(config.data_dir).resolve()
     if out.resolve() == data or data in out.resolve().parents:
         raise ValueError(f"{out}: inside the training photos {config.data_dir}; write the model elsewhere")
+    if out.suffix != ".safetensors":
+        raise ValueError(f"{out}: the model file must end in .safetensors")
     if out.is_dir():
         raise ValueError(f"{out}: is a directory; give a file name such as {out / 'model.safetensors'}")
     for path in (out, state_path(out)):

@@ -72,3 +72,25 @@ def photo_dir(tmp_path) -> Path:
         for path in shared_photos(folder, n):
             shutil.copy(path, root / folder / path.name)
     return root
+
+
+def run_cli(*args, timeout: float = 300, **kwargs):
+    """``stn-align ARGS`` in a real subprocess (``python -m stn_align.cli``); returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "stn_align.cli", *[str(a) for a in args]], capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def shifted(image: np.ndarray, matrix: np.ndarray = SHIFT) -> np.ndarray:
+    """The input whose alignment onto ``image`` is ``matrix``."""
+    h, w = image.shape[:2]
+    out = cv2.warpPerspective(image, np.linalg.inv(matrix), (w, h), borderMode=cv2.BORDER_REFLECT)
+    return out.reshape(image.shape)
+
+
+def jsonl(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
