@@ -304,9 +304,19 @@ class Aligner:
         """The network's working size: :attr:`working_size`, else the size the model was trained at."""
         return self.working_size or self.model.config.size
 
+    def __repr__(self) -> str:
+        mask = self.mask if self.mask is None or isinstance(self.mask, str) else "array"
+        return (f"Aligner(name={self.name!r}, transform={self.transform!r}, size={self.size}, device='{self.device}', "
+                f"iterations={self.iterations}, refine={self.refine!r}, fallback={self.fallback!r}, "
+                f"min_score={self.min_score}, fill={self.fill!r}, mask={mask!r})")
+
     @torch.inference_mode()
-    def estimate(self, inputs: Sequence[np.ndarray], references: Sequence[np.ndarray]) -> np.ndarray:
-        """The network's matrices for a batch of pairs, ``(B, 3, 3)`` float64 in each pair's full-resolution pixels."""
+    def estimate(self, inputs: Sequence[ImageLike], references: Sequence[ImageLike] | ImageLike) -> np.ndarray:
+        """The network's matrices for a batch of pairs, ``(B, 3, 3)`` float64 in each pair's full-resolution pixels.
+
+        ``inputs``: images (arrays ``(H, W[, C])``, paths or PIL images); ``references``: one per input, or a
+        single image for all of them."""
+        inputs, references = _pairs(inputs, references)
         if len(inputs) != len(references):
             raise ValueError("inputs and references differ in length")
         if not len(inputs):
@@ -413,13 +423,29 @@ class Aligner:
         """Align one ``input`` to ``reference``; returns matrix, score and (if ``warp``) the aligned image."""
         return self.align_batch([input], [reference], warp=warp, mask=mask)[0]
 
-    def align_batch(self, inputs: Sequence[ImageLike], references: Sequence[ImageLike], warp: bool = True,
+    def align_batch(self, inputs: Sequence[ImageLike], references: Sequence[ImageLike] | ImageLike, warp: bool = True,
                     mask=None) -> list[AlignResult]:
-        """Align pairs in one network batch; returns one :class:`AlignResult` per pair (``mask``: see :meth:`finish`)."""
-        inputs = [as_array(x) for x in inputs]
-        references = [as_array(x) for x in references]
+        """Align pairs in one network batch; returns one :class:`AlignResult` per pair (``mask``: see :meth:`finish`).
+
+        ``references``: one per input, or a single image (array, path or PIL image) for all of them."""
+        inputs, references = _pairs(inputs, references)
         matrices = self.estimate(inputs, references)
         return [self.finish(a, b, m, warp, mask) for a, b, m in zip(inputs, references, matrices)]
+
+
+def _is_one_image(x) -> bool:
+    return isinstance(x, (str, Path, np.ndarray)) or hasattr(x, "getbands")  # a path, an array or a PIL image
+
+
+def _pairs(inputs, references) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``(inputs, references)`` as lists of arrays; a single reference is read once and shared by every input."""
+    if _is_one_image(inputs):
+        raise TypeError("inputs must be a sequence of images (a list of arrays, paths or PIL images)")
+    inputs = [as_array(x) for x in inputs]
+    if _is_one_image(references):
+        shared = as_array(references)
+        return inputs, [shared] * len(inputs)
+    return inputs, [as_array(x) for x in references]
 
 
 def model_summary(path: Path) -> dict:

@@ -337,6 +337,7 @@ def batch_command(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Threads decoding, refining and encoding images. Default: min(4, CPUs)."),
     fail_on_suspect: bool = typer.Option(False, "--fail-on-suspect", help="Exit 1 when any alignment of the job is suspect (score below --min-score), skipped ones included."),
     max_pixels: int = typer.Option(178_956_970, "--max-pixels", min=1, help="Refuse images larger than this many pixels (decompression-bomb guard)."),
+    suspect_dir: Optional[Path] = typer.Option(None, "--suspect-dir", help="Also copy every suspect output of the job to this folder (same relative paths), for review. OUT_DIR/suspects.txt lists them either way."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also list the folder entries that were not inputs (other files, unsupported formats, links)."),
     engine: str = typer.Option("local", "--engine", help="local (this machine) or ray (a Ray cluster with Ray Data: an actor pool, one GPU per actor when the cluster has GPUs; needs pip install \"stn-align\\[ray]\" and paths shared by every node)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --engine ray: the cluster, e.g. auto or ray://HOST:10001. Default: RAY_ADDRESS, else a new local Ray."),
@@ -373,6 +374,8 @@ def batch_command(
         except BatchError as err:
             fail(str(err))
     mask_option = _infer_check_mask(mask)
+    if suspect_dir is not None and any(_infer_same(suspect_dir, d) for d in (out, input_dir, *([ref_dir] if ref_dir else []))):
+        fail(f"{suspect_dir}: --suspect-dir must be a folder of its own, not OUT_DIR, INPUT_DIR or --ref-dir", 2)
     show, diag = _infer_consoles()
     not_inputs: list[tuple[Path, str]] = []
     try:
@@ -466,9 +469,25 @@ def batch_command(
         shown = ", ".join(summary.gone[:10]) + (f" and {len(summary.gone) - 10} more" if len(summary.gone) > 10 else "")
         diag.print(f"[yellow]gone:[/yellow] {len(summary.gone)} input(s) recorded in the manifest no longer exist "
                    f"(their outputs are kept): {escape(shown)}")
+    if suspect_dir is not None:
+        from .batch import write_suspects
+        from .manifest import read_manifest
+
+        try:
+            copied = write_suspects(Path(out), read_manifest(summary.manifest), suspect_dir)
+        except OSError as err:
+            fail(f"{suspect_dir}: cannot write ({err.strerror or err})")
+        diag.print(f"{len(copied)} suspect output(s) in {escape(str(suspect_dir))}")
     if summary.suspects:
-        shown = ", ".join(summary.suspects[:10]) + (f" and {len(summary.suspects) - 10} more" if len(summary.suspects) > 10 else "")
-        diag.print(f"[yellow]suspect[/yellow] (score < {min_score:g}; check these outputs): {escape(shown)}")
+        from .batch import SUSPECTS_NAME
+
+        shown = ", ".join(summary.suspects[:5]) + (f" and {len(summary.suspects) - 5} more" if len(summary.suspects) > 5 else "")
+        diag.print(f"[yellow]suspect[/yellow] (score < {min_score:g}; check these outputs): {escape(shown)}; "
+                   f"all listed in {escape(str(Path(out) / SUSPECTS_NAME))}")
+        judged = summary.aligned + summary.skipped
+        if judged >= 4 and summary.suspect > 0.5 * judged:
+            what = "--ref the right image" if ref is not None else "--ref-dir pairing the right references"
+            diag.print(f"[yellow]warning:[/yellow] {summary.suspect} of {judged} alignments are suspect: is {what}?")
     if summary.interrupted and stopper is not None and stopper.signum is not None:
         name = "SIGTERM" if stopper.signum == 15 else "SIGINT"
         typer.echo(f"stopped by {name}: every finished pair is recorded; re-run the same command to resume", err=True)
@@ -616,9 +635,46 @@ def _model_accuracy(validation: dict, size) -> str:
     return ", ".join(parts) + f" (at {size} px{pairs})"
 
 
+def _model_card(model: str, console) -> None:
+    """Print one checkpoint's card: what it is, how it was trained, its figures, and its Markdown card if any."""
+    from rich.markup import escape
+
+    from .align import resolve_model
+    from .checkpoint import CheckpointError, load_model
+
+    try:
+        path = resolve_model(model)
+        _, meta = load_model(path)  # also verifies the tensors' checksum
+    except (CheckpointError, OSError, ValueError) as err:
+        fail(str(err))
+    config, training = meta.get("model", {}), meta.get("training", {})
+    args = training.get("args", {})
+    data = training.get("data", {})
+    params = _model_parameters(path)
+    rows = [("file", str(path)), ("transform", config.get("transform")), ("architecture", config.get("architecture")),
+            ("working size", f"{config.get('size')} px"), ("parameters", f"{params:,}" if params is not None else "?"),
+            ("validation", _model_accuracy(meta.get("validation") or {}, config.get("size"))),
+            ("trained", f"{args.get('steps', '?')} steps, batch {args.get('batch_size', '?')}, "
+                        f"{training.get('seconds', '?')} s on {training.get('device', '?')}" if args else "no record"),
+            ("photos", f"{data.get('train_photos', '?')} train, {data.get('val_photos', '?')} validation "
+                       f"from {data.get('data_dir', '?')}" if data else "no record"),
+            ("tensors sha256", f"{meta.get('tensors_sha256')} (verified)")]
+    for key, value in rows:
+        console.print(f"[bold]{key:>15}[/bold]  {escape(str(value))}")
+    card = path.with_name(path.name.removesuffix(".safetensors") + ".md")
+    if card.is_file():
+        console.print(f"\n[dim]{escape(str(card))}:[/dim]")
+        console.print(escape(card.read_text(encoding="utf-8", errors="replace").rstrip()))
+
+
 @app.command("models")
-def models_command():
-    """List the shipped models: transform, working size, parameters and validation accuracy."""
+def models_command(
+    model: Optional[str] = typer.Argument(None, metavar="[MODEL]", help="A shipped model's name or a .safetensors file: print its card."),
+):
+    """List the shipped models (transform, working size, parameters, validation accuracy), or print one model's card.
+
+    Examples: stn-align models;  stn-align models default;  stn-align models my_model.safetensors
+    """
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -627,6 +683,9 @@ def models_command():
     from .checkpoint import CheckpointError
 
     console = Console(soft_wrap=True, highlight=False)
+    if model is not None:
+        _model_card(model, console)
+        return
     models = shipped_models()
     if not models:
         console.print(f"no models installed (looked in {escape(str(models_dir()))}); "
