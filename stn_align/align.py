@@ -60,6 +60,11 @@ class AlignResult:
     ref_size: tuple[int, int] = (0, 0)
     method: str = "network"
     hypotheses: dict[str, float] = field(default_factory=dict)
+    output_matrix: np.ndarray | None = None  # (3, 3) input -> output pixels when the canvas is not the reference's
+
+    def __repr__(self) -> str:
+        return (f"AlignResult(score={self.score:.3f}, suspect={self.suspect}, method={self.method!r}, "
+                f"transform={self.transform!r}, input_size={self.input_size}, ref_size={self.ref_size})")
 
     @property
     def fallback_fired(self) -> bool:
@@ -68,9 +73,12 @@ class AlignResult:
 
     def to_record(self) -> dict:
         """JSON-ready summary (no pixels)."""
-        return {"matrix": [[float(v) for v in row] for row in self.matrix], "transform": self.transform,
-                "score": round(float(self.score), 4), "suspect": bool(self.suspect), "refined": bool(self.refined),
-                "method": self.method}
+        record = {"matrix": [[float(v) for v in row] for row in self.matrix], "transform": self.transform,
+                  "score": round(float(self.score), 4), "suspect": bool(self.suspect), "refined": bool(self.refined),
+                  "method": self.method}
+        if self.output_matrix is not None:
+            record["output_matrix"] = [[float(v) for v in row] for row in self.output_matrix]
+        return record
 
 
 class _Candidate(NamedTuple):
@@ -165,7 +173,7 @@ def fill_value(fill: str | Sequence[int], image: np.ndarray) -> tuple:
     else:
         value = list(rgb)
         if channels == 4:
-            value.append(255)
+            value.append(0)  # an input with alpha: outside it is transparent (the colour shows where alpha is dropped)
     return tuple(v * scale for v in value)
 
 
@@ -179,20 +187,57 @@ def parse_fill(text: str) -> str | tuple[int, int, int]:
     raise ValueError(f"invalid fill {text!r}: use white, black, edge, transparent or R,G,B with values 0-255")
 
 
+#: ``--interpolation``: OpenCV's sampling kernel of the final warp (``area``: linear after the area prefilter).
+INTERPOLATIONS = {"linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC, "area": cv2.INTER_LINEAR,
+                  "lanczos": cv2.INTER_LANCZOS4}
+
+
+def shrink_factor(matrix: np.ndarray, out_size: tuple[int, int]) -> float:
+    """Input pixels per output pixel at the centre of the output (``> 1``: the warp shrinks the input)."""
+    inv = np.linalg.inv(matrix)
+    c = np.float64([[out_size[0] / 2, out_size[1] / 2], [out_size[0] / 2 + 1, out_size[1] / 2],
+                    [out_size[0] / 2, out_size[1] / 2 + 1]])
+    p = np.c_[c, np.ones(3)] @ inv.T
+    p = p[:, :2] / p[:, 2:]
+    jacobian = np.stack([p[1] - p[0], p[2] - p[0]], axis=1)
+    return float(np.sqrt(abs(np.linalg.det(jacobian))))
+
+
+def prefiltered(image: np.ndarray, matrix: np.ndarray, out_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Antialiasing before a shrinking warp: ``(image, matrix)`` with the input first resized (OpenCV's area
+    filter) to about one input pixel per output pixel, and the matrix composed to match. Unchanged when the
+    warp shrinks by less than 1.5x (then bilinear sampling does not alias)."""
+    factor = shrink_factor(matrix, out_size) if np.all(np.isfinite(matrix)) else 1.0
+    if not factor > 1.5:
+        return image, matrix
+    h, w = image.shape[:2]
+    small = (max(1, round(w / factor)), max(1, round(h / factor)))
+    resized = cv2.resize(image, small, interpolation=cv2.INTER_AREA).reshape(small[1], small[0], image.shape[2])
+    from .geometry import resize_matrix
+
+    return resized, matrix @ np.linalg.inv(resize_matrix((w, h), small))
+
+
 def warp_image(
-    image: np.ndarray, matrix: np.ndarray, ref_size: tuple[int, int], fill="white", device: torch.device | None = None
+    image: np.ndarray, matrix: np.ndarray, ref_size: tuple[int, int], fill="white", device: torch.device | None = None,
+    interpolation: str = "linear",
 ) -> np.ndarray:
     """Warp the full-resolution input ``(H, W, C)`` onto a ``ref_size = (w, h)`` canvas; keeps the dtype.
 
-    ``fill="transparent"`` adds (or keeps) an alpha channel that is 0 outside the input.
-    Runs on CUDA with kornia when ``device`` is a GPU, else with OpenCV (faster on CPU).
+    ``fill="transparent"`` adds (or keeps) an alpha channel that is 0 outside the input; an input that has an
+    alpha channel gets alpha 0 outside it with any fill (transparent in, transparent out). A warp that shrinks
+    the input is antialiased first (:func:`prefiltered`); ``interpolation`` is one of :data:`INTERPOLATIONS`.
+    Runs on CUDA with kornia when ``device`` is a GPU (``linear`` and ``area``), else with OpenCV.
     """
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {interpolation!r}; use one of {', '.join(INTERPOLATIONS)}")
+    image, matrix = prefiltered(image, matrix, ref_size)
     if fill == "transparent" and image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)  # gray + alpha has no common file format: go RGBA
     if fill == "transparent" and image.shape[2] == 3:
         top = 65535 if image.dtype == np.uint16 else (1.0 if image.dtype.kind == "f" else 255)
         image = np.concatenate([image, np.full(image.shape[:2] + (1,), top, image.dtype)], axis=2)
-    if device is not None and device.type == "cuda":
+    if device is not None and device.type == "cuda" and interpolation in ("linear", "area"):
         return _warp_torch(image, matrix, ref_size, fill, device)
     if fill == "edge":
         border, value = cv2.BORDER_REPLICATE, 0
@@ -201,7 +246,8 @@ def warp_image(
     else:
         border, value = cv2.BORDER_CONSTANT, fill_value(fill, image)
     src = image if image.dtype != np.float64 else image.astype(np.float32)
-    out = cv2.warpPerspective(src, matrix, ref_size, flags=cv2.INTER_LINEAR, borderMode=border, borderValue=value)
+    out = cv2.warpPerspective(src, matrix, ref_size, flags=INTERPOLATIONS[interpolation], borderMode=border,
+                              borderValue=value)
     return out.reshape(ref_size[1], ref_size[0], image.shape[2])
 
 
@@ -257,6 +303,9 @@ class Aligner:
     metadata: dict = field(default_factory=dict)
     name: str = "custom"
     working_size: int | None = None  # iterative models: run the update stage at this size (multiple of 32)
+    interpolation: str = "linear"  # the final warp's kernel (see INTERPOLATIONS); shrinking warps are prefiltered
+    canvas: str = "reference"  # reference, input or union (see canvas.output_canvas)
+    crop: str = "none"  # none or common
 
     @classmethod
     def load(cls, model: str | Path = "default", device: str = "auto", **options) -> "Aligner":
@@ -284,6 +333,11 @@ class Aligner:
                              f"{self.model.config.size} only for iterative models")
         if isinstance(self.fill, str) and self.fill not in FILLS:
             self.fill = parse_fill(self.fill)
+        from .canvas import CANVASES, CROPS
+
+        if self.interpolation not in INTERPOLATIONS or self.canvas not in CANVASES or self.crop not in CROPS:
+            raise ValueError(f"interpolation must be one of {tuple(INTERPOLATIONS)}, canvas one of {CANVASES}, "
+                             f"crop one of {CROPS}")
 
     @property
     def transform(self) -> str:
@@ -405,11 +459,18 @@ class Aligner:
         if not np.all(np.isfinite(best.matrix)):
             raise ValueError(f"the {best.method} estimate is not finite")
         ref_size = (image_ref.shape[1], image_ref.shape[0])
-        aligned = warp_image(image_in, best.matrix, ref_size, self.fill, self.device) if warp else None
+        in_size = (image_in.shape[1], image_in.shape[0])
+        output_matrix, out_size = best.matrix, ref_size
+        if (self.canvas, self.crop) != ("reference", "none"):
+            from .canvas import output_canvas
+
+            frame, out_size = output_canvas(best.matrix, in_size, ref_size, self.canvas, self.crop)
+            output_matrix = frame @ best.matrix
+        aligned = warp_image(image_in, output_matrix, out_size, self.fill, self.device, self.interpolation) if warp else None
         return AlignResult(matrix=best.matrix, score=best.score, transform=self.transform, image=aligned,
                            suspect=best.score < self.min_score, refined=best.refined,
-                           input_size=(image_in.shape[1], image_in.shape[0]), ref_size=ref_size,
-                           method=best.method, hypotheses=hypotheses)
+                           input_size=in_size, ref_size=ref_size, method=best.method, hypotheses=hypotheses,
+                           output_matrix=None if output_matrix is best.matrix else output_matrix)
 
     def _polish(self, kind: str, matrix: np.ndarray, gray_in, gray_ref, region) -> _Candidate:
         """One hypothesis through ``refine`` and the score; ``kind`` is ``network``, ``rotated`` or ``features``."""

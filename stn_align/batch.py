@@ -58,9 +58,12 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .io import DEFAULT_MAX_PIXELS, ImageError, list_images, read_image, write_image
+from .io import DEFAULT_MAX_PIXELS, ImageError, list_images, read_image, read_info, write_image
 from .manifest import (MANIFEST_NAME, ManifestError, ManifestWriter, fingerprint, output_options, owns_output,
                        read_manifest, resume_decision, write_manifest)
+
+#: ``--format``: the suffix each output gets (``keep``: its input's).
+OUTPUT_FORMATS = {"jpg": ".jpg", "png": ".png", "tiff": ".tif", "webp": ".webp"}
 
 #: Output formats that can hold an alpha channel (``fill="transparent"``).
 ALPHA_SUFFIXES = frozenset({".png", ".tif", ".tiff", ".webp"})
@@ -149,11 +152,13 @@ def plan_pairs(
     ref_dir: Path | str | None = None,
     recursive: bool = True,
     skipped: Optional[list[tuple[Path, str]]] = None,
+    output_format: str = "keep",
 ) -> tuple[list[Pair], bool]:
     """List the inputs and pair each with its reference. Returns ``(pairs, out_dir_excluded)``.
 
     ``skipped`` collects ``(path, reason)`` for the entries of ``input_dir`` that are not inputs
-    (see :func:`io.list_images`).
+    (see :func:`io.list_images`). ``output_format``: ``keep`` (outputs named as their inputs) or one of
+    :data:`OUTPUT_FORMATS` (the suffix replaced; two inputs that would share an output both fail).
 
     Raises :class:`BatchError` (usage) for inconsistent directories and :class:`ImageError` for an
     unreadable ``input_dir`` / ``ref_dir`` / missing ``ref``. Per-input problems (no reference,
@@ -213,6 +218,15 @@ def plan_pairs(
         rel = folder.relative_to(input_dir).as_posix()
         pairs.append(Pair(folder, rel, out_dir / rel, None, "", error=f"{folder}: {reason}"))
     pairs.sort(key=lambda p: p.rel.split("/"))
+    if output_format != "keep":
+        if output_format not in OUTPUT_FORMATS:
+            raise BatchError(f"--format must be keep or one of {', '.join(OUTPUT_FORMATS)}, not {output_format!r}", usage=True)
+        claimed: dict[Path, Pair] = {}
+        for pair in pairs:
+            pair.output = pair.output.with_suffix(OUTPUT_FORMATS[output_format])
+            other = claimed.setdefault(pair.output, pair)
+            if other is not pair and pair.error is None:
+                pair.error = f"{pair.input}: its output {pair.output} would also be {other.input}'s (--format {output_format})"
     for pair in pairs:
         if pair.error is None and pair.output.resolve() in protected:
             pair.error = f"{pair.output}: refusing to write an output over an input or reference file"
@@ -459,7 +473,8 @@ def finish_pair(aligner, pair: Pair, image, reference, matrix, shared: dict, out
     model_name = getattr(aligner, "name", "custom")
     try:
         result = aligner.finish(image, reference, matrix, warp=True, **shared)
-        write_image(pair.output, writable(result.image))
+        options = output_options(aligner) if options is None else options
+        write_image(pair.output, writable(result.image), options.get("quality", 95), read_info(pair.input))
         record = {**base_record(pair, out_dir, model_name), **result.to_record(), "status": "ok",
                   "output_bytes": pair.output.stat().st_size,
                   "fingerprint": fingerprint(aligner, pair.input, pair.reference, options)}
@@ -470,12 +485,13 @@ def finish_pair(aligner, pair: Pair, image, reference, matrix, shared: dict, out
 
 def align_chunk(aligner, chunk: list[Pair], out_dir: Path, pool: ThreadPoolExecutor,
                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, shared_ref: Optional[np.ndarray] = None,
-                shared: Optional[dict] = None) -> list[dict]:
+                shared: Optional[dict] = None, options: Optional[dict] = None) -> list[dict]:
     """One chunk start to end (decode on ``pool``, one network batch, finish and write on ``pool``); one record
-    per pair, in order. What an engine that gets its work in batches (Ray Data) runs on each batch."""
+    per pair, in order. What an engine that gets its work in batches (Ray Data) runs on each batch.
+    ``options``: the run's output options (:attr:`BatchRun.options`)."""
     model_name = getattr(aligner, "name", "custom")
     shared = shared_reference(aligner, shared_ref) if shared is None else shared
-    options = output_options(aligner)
+    options = output_options(aligner) if options is None else options
     decoded = list(pool.map(lambda p: decode_pair(p, max_pixels, shared_ref), chunk))
     records: list[Optional[dict]] = [None] * len(chunk)
     ready = []
@@ -524,12 +540,12 @@ class BatchRun:
     outputs can be written (a ``writing`` record each, fsynced) and reports each pair with :meth:`done`.
     """
 
-    def __init__(self, aligner, out_dir: Path, summary: BatchSummary, on_progress=None):
+    def __init__(self, aligner, out_dir: Path, summary: BatchSummary, on_progress=None, write: Optional[dict] = None):
         self.out_dir, self.summary, self.on_progress = out_dir, summary, on_progress
         self.aligner = aligner
         self.model_name = getattr(aligner, "name", "custom")
         self.transform = aligner.transform
-        self.options = output_options(aligner)
+        self.options = {**output_options(aligner), **(write or {})}  # everything an output depends on
         self.records = read_manifest(summary.manifest, problems=summary.warnings)
         write_manifest(summary.manifest, self.records)  # compact what a killed run left
         self.manifest = ManifestWriter(summary.manifest)
@@ -628,7 +644,8 @@ def suspect_outputs(records: dict[str, dict]) -> list[str]:
 
 
 def write_suspects(out_dir: Path, records: dict[str, dict], suspect_dir: Optional[Path] = None) -> list[str]:
-    """``OUT_DIR/suspects.txt``: one output path (relative to OUT_DIR) per suspect alignment of the whole job.
+    """``OUT_DIR/suspects.txt``: one output path (relative to OUT_DIR) per suspect alignment of the whole job
+    (not written while there has never been one).
 
     With ``suspect_dir``, a copy of each suspect output goes there (same relative path) for review, and the
     copies this function made before whose pairs are no longer suspect are removed (it lists what it placed in
@@ -636,7 +653,8 @@ def write_suspects(out_dir: Path, records: dict[str, dict], suspect_dir: Optiona
     from .io import write_text_atomic
 
     suspects = suspect_outputs(records)
-    write_text_atomic(out_dir / SUSPECTS_NAME, "".join(f"{name}\n" for name in suspects))
+    if suspects or (out_dir / SUSPECTS_NAME).exists():  # written when there is something to say (or to take back)
+        write_text_atomic(out_dir / SUSPECTS_NAME, "".join(f"{name}\n" for name in suspects))
     if suspect_dir is not None:
         import shutil
 
@@ -658,11 +676,13 @@ def write_suspects(out_dir: Path, records: dict[str, dict], suspect_dir: Optiona
 @contextlib.contextmanager
 def open_run(aligner, pairs: list[Pair], out_dir: Path, summary: BatchSummary, force: bool = False,
              on_progress: Optional[Callable[[dict], None]] = None,
-             on_start: Optional[Callable[[int], None]] = None, overwrite: bool = False) -> Iterator[BatchRun]:
+             on_start: Optional[Callable[[int], None]] = None, overwrite: bool = False,
+             write: Optional[dict] = None) -> Iterator[BatchRun]:
     """Create ``out_dir``, take its :class:`OutputLock`, remove killed runs' temporary files, compact the
     manifest and sort ``pairs`` (failed at planning, skipped, to do); yields the :class:`BatchRun`. On exit,
     also on an error or Ctrl-C, the manifest is rewritten (one record per input) and the lock released.
-    ``force`` redoes every pair; ``overwrite`` lets outputs replace files stn-align did not write."""
+    ``force`` redoes every pair; ``overwrite`` lets outputs replace files stn-align did not write; ``write``:
+    how outputs are encoded (``{"quality": 95, "format": "keep"}``), part of every pair's fingerprint."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -671,7 +691,7 @@ def open_run(aligner, pairs: list[Pair], out_dir: Path, summary: BatchSummary, f
     with OutputLock(out_dir):
         remove_stale_temporaries(out_dir)
         try:
-            run = BatchRun(aligner, out_dir, summary, on_progress)
+            run = BatchRun(aligner, out_dir, summary, on_progress, write)
         except ManifestError as err:
             raise BatchError(str(err)) from None
         try:
@@ -729,6 +749,8 @@ def align_directory(
     ref_image: Optional[np.ndarray] = None,
     overwrite: bool = False,
     stop: Optional[threading.Event] = None,
+    output_format: str = "keep",
+    quality: int = 95,
 ) -> BatchSummary:
     """Align every image under ``input_dir`` into ``out_dir`` on this machine; see the module docstring.
 
@@ -747,6 +769,8 @@ def align_directory(
             pair fails with a one-line message and the file is left as it is).
         stop: when set (e.g. by a signal handler), no new pair is started; the pairs in progress finish and
             are recorded, and the summary says ``interrupted``.
+        output_format: ``keep`` (each output in its input's format) or one of :data:`OUTPUT_FORMATS`.
+        quality: JPEG and WebP quality, 1-100 (WebP 100: lossless).
 
     Raises :class:`BatchError` or :class:`ImageError` before any work for a bad setup
     (missing/unreadable ``ref``, ``input_dir``, ``ref_dir``; ``out_dir`` equal to ``input_dir``), and
@@ -754,10 +778,13 @@ def align_directory(
     """
     input_dir, out_dir = Path(input_dir), Path(out_dir)
     skipped_entries: list[tuple[Path, str]] = []
+    if plan is None:
+        plan = plan_pairs(input_dir, out_dir, ref, ref_dir, recursive, skipped=skipped_entries, output_format=output_format)
     pairs, excluded, shared_ref, workers = prepare(aligner, input_dir, out_dir, ref, ref_dir, recursive, batch_size,
                                                    workers, max_pixels, plan, ref_image, skipped_entries)
     summary = BatchSummary(total=len(pairs), excluded_out_dir=excluded, skipped_entries=skipped_entries)
-    with open_run(aligner, pairs, out_dir, summary, force, on_progress, on_start, overwrite) as run, \
+    write = {"format": output_format, "quality": quality}
+    with open_run(aligner, pairs, out_dir, summary, force, on_progress, on_start, overwrite, write) as run, \
             _network_threads(aligner, workers):
         _pipeline(aligner, run, batch_size, workers, max_pixels, shared_ref, stop)
         summary.interrupted = summary.interrupted or bool(stop is not None and stop.is_set())

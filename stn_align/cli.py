@@ -121,6 +121,27 @@ _MASK_HELP = ("none, auto (refinement and score look only at the reference's for
               "background, or its alpha) or FILE (a mask image in the reference's frame, non-zero = use).")
 
 
+_FORMAT_HELP = "Output format: keep (each output in its input's format), jpg, png, tiff or webp."
+_QUALITY_HELP = "JPEG and WebP quality, 1-100 (WebP 100: lossless)."
+_INTERPOLATION_HELP = ("The final warp's sampling: linear, cubic, area or lanczos. Any warp that shrinks the input "
+                       "more than 1.5x is antialiased first (an area-filtered copy).")
+_CANVAS_HELP = ("The output image: reference (the reference's size and framing), input (the reference's framing at the "
+                "input's resolution) or union (the reference frame and the whole warped input, nothing cut off).")
+_CROP_HELP = "none, or common: crop the output to the largest rectangle the warped input covers entirely."
+
+
+def _infer_check_output(output_format: str, interpolation: str, canvas: str, crop: str) -> None:
+    from .align import INTERPOLATIONS
+    from .batch import OUTPUT_FORMATS
+    from .canvas import CANVASES, CROPS
+
+    for name, value, allowed in (("--format", output_format, ("keep", *OUTPUT_FORMATS)),
+                                 ("--interpolation", interpolation, tuple(INTERPOLATIONS)),
+                                 ("--canvas", canvas, CANVASES), ("--crop", crop, CROPS)):
+        if value not in allowed:
+            fail(f"{name} must be one of {', '.join(allowed)}, not {value!r}", 2)
+
+
 def _infer_check_mask(mask: str) -> Optional[str]:
     if mask not in ("none", "auto") and not Path(mask).is_file():
         fail(f"{mask}: --mask must be none, auto or an existing mask image file", 2)
@@ -235,6 +256,11 @@ def align_command(
     min_score: float = typer.Option(0.75, "--min-score", min=0.0, max=1.0, help=_MIN_SCORE_HELP),
     fallback: str = typer.Option("features", "--fallback", help=_FALLBACK_HELP),
     fail_on_suspect: bool = typer.Option(False, "--fail-on-suspect", help="Exit 1 when the alignment is suspect (score below --min-score); the output is still written."),
+    output_format: str = typer.Option("keep", "--format", help=_FORMAT_HELP + " Names the default output; -o's suffix otherwise."),
+    quality: int = typer.Option(95, "--quality", min=1, max=100, help=_QUALITY_HELP),
+    interpolation: str = typer.Option("linear", "--interpolation", help=_INTERPOLATION_HELP),
+    canvas: str = typer.Option("reference", "--canvas", help=_CANVAS_HELP),
+    crop: str = typer.Option("none", "--crop", help=_CROP_HELP),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the result record as JSON to FILE, or '-' for stdout.", metavar="FILE|-"),
     mask: str = typer.Option("none", "--mask", help=_MASK_HELP),
     preview: Optional[Path] = typer.Option(None, "--preview", help="Also write a sheet (input | reference | aligned | overlay | checkerboard) to FILE."),
@@ -249,10 +275,19 @@ def align_command(
     from .io import ImageError, read_image, write_image
 
     _infer_check_options(transform, refine, fill, iterations, min_score, fallback)
+    _infer_check_output(output_format, interpolation, canvas, crop)
     show, diag = _infer_consoles(json_to_stdout=json_out == "-")
     if out is not None and out.is_dir():  # -o DIR: DIR/INPUT_NAME
         out = out / (input.name if input.suffix.lower() in _WRITE_SUFFIXES else f"{input.stem}.png")
     output = out if out is not None else _infer_default_output(input)
+    if output_format != "keep":
+        from .batch import OUTPUT_FORMATS
+
+        if out is None:
+            output = output.with_suffix(OUTPUT_FORMATS[output_format])
+        elif output.suffix.lower() not in ((".jpg", ".jpeg") if output_format == "jpg" else
+                                           (".tif", ".tiff") if output_format == "tiff" else (f".{output_format}",)):
+            fail(f"{output}: its suffix is not --format {output_format} (drop one of the two)", 2)
     for other, what in ((input, "input"), (ref, "reference")):
         if _infer_same(output, other):
             fail(f"{output}: the output would overwrite the {what} (choose another -o)", 2)
@@ -274,10 +309,13 @@ def align_command(
     if preview is not None and preview.suffix.lower() not in _WRITE_SUFFIXES:
         fail(f"{preview}: unsupported preview format {preview.suffix or '(no suffix)'!r}", 2)
     aligner = _infer_load(model, transform, device, diag, iterations=iterations, working_size=working_size, refine=refine, fill=fill,
-                          min_score=min_score, mask=mask_option, fallback=fallback)
+                          min_score=min_score, mask=mask_option, fallback=fallback, interpolation=interpolation,
+                          canvas=canvas, crop=crop)
     try:
+        from .io import read_info
+
         result = aligner.align(image_in, image_ref)
-        write_image(output, writable(result.image))
+        write_image(output, writable(result.image), quality, read_info(input))
         if preview is not None:
             from .preview import make_sheet
 
@@ -337,6 +375,11 @@ def batch_command(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Threads decoding, refining and encoding images. Default: min(4, CPUs)."),
     fail_on_suspect: bool = typer.Option(False, "--fail-on-suspect", help="Exit 1 when any alignment of the job is suspect (score below --min-score), skipped ones included."),
     max_pixels: int = typer.Option(178_956_970, "--max-pixels", min=1, help="Refuse images larger than this many pixels (decompression-bomb guard)."),
+    output_format: str = typer.Option("keep", "--format", help=_FORMAT_HELP),
+    quality: int = typer.Option(95, "--quality", min=1, max=100, help=_QUALITY_HELP),
+    interpolation: str = typer.Option("linear", "--interpolation", help=_INTERPOLATION_HELP),
+    canvas: str = typer.Option("reference", "--canvas", help=_CANVAS_HELP),
+    crop: str = typer.Option("none", "--crop", help=_CROP_HELP),
     suspect_dir: Optional[Path] = typer.Option(None, "--suspect-dir", help="Also copy every suspect output of the job to this folder (same relative paths), for review. OUT_DIR/suspects.txt lists them either way."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also list the folder entries that were not inputs (other files, unsupported formats, links)."),
     engine: str = typer.Option("local", "--engine", help="local (this machine) or ray (a Ray cluster with Ray Data: an actor pool, one GPU per actor when the cluster has GPUs; needs pip install \"stn-align\\[ray]\" and paths shared by every node)."),
@@ -362,6 +405,7 @@ def batch_command(
     if (ref is None) == (ref_dir is None):
         fail("give exactly one of --ref FILE or --ref-dir DIR", 2)
     _infer_check_options(transform, refine, fill, iterations, min_score, fallback)
+    _infer_check_output(output_format, interpolation, canvas, crop)
     if engine not in ("local", "ray"):
         fail(f"--engine must be local or ray, not {engine!r}", 2)
     if ray_address is not None and engine != "ray":
@@ -379,7 +423,8 @@ def batch_command(
     show, diag = _infer_consoles()
     not_inputs: list[tuple[Path, str]] = []
     try:
-        plan = plan_pairs(input_dir, out, ref=ref, ref_dir=ref_dir, recursive=recursive, skipped=not_inputs)
+        plan = plan_pairs(input_dir, out, ref=ref, ref_dir=ref_dir, recursive=recursive, skipped=not_inputs,
+                          output_format=output_format)
         if fill == "transparent":
             check_alpha_outputs(plan[0])
         ref_image = read_image(ref, max_pixels=max_pixels) if ref is not None else None
@@ -396,10 +441,12 @@ def batch_command(
         from rich.console import Console
 
         aligner = _infer_load(model, transform, "cpu", Console(quiet=True), iterations=iterations, working_size=working_size, refine=refine,
-                              fill=fill, min_score=min_score, mask=mask_option, fallback=fallback)
+                              fill=fill, min_score=min_score, mask=mask_option, fallback=fallback, interpolation=interpolation,
+                              canvas=canvas, crop=crop)
     else:
         aligner = _infer_load(model, transform, device, diag, iterations=iterations, working_size=working_size, refine=refine, fill=fill,
-                              min_score=min_score, mask=mask_option, fallback=fallback)
+                              min_score=min_score, mask=mask_option, fallback=fallback, interpolation=interpolation,
+                              canvas=canvas, crop=crop)
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), TextColumn("eta"),
@@ -433,7 +480,7 @@ def batch_command(
         with progress, (stopper or contextlib.nullcontext()):
             common = dict(ref=ref, ref_dir=ref_dir, recursive=recursive, force=force, overwrite=overwrite,
                           batch_size=batch_size, workers=workers, on_progress=on_progress, on_start=on_start, plan=plan,
-                          ref_image=ref_image, max_pixels=max_pixels)
+                          ref_image=ref_image, max_pixels=max_pixels, output_format=output_format, quality=quality)
             if engine == "ray":
                 from .ray_engine import align_directory_ray
 
@@ -722,6 +769,9 @@ def eval_command(
     pairs_dir: Path = typer.Argument(..., metavar="PAIRS_DIR", help="A pair set (inputs/NAME, refs/NAME, gt.jsonl) or, with --synthetic, a folder of photos."),
     model: str = typer.Option("default", "--model", "-m", help="Shipped model name (see 'stn-align models') or a .safetensors path."),
     refine: str = typer.Option("ecc", "--refine", help="Refinement(s) to evaluate, comma-separated: ecc, none (e.g. none,ecc shows both)."),
+    fallback: str = typer.Option("features", "--fallback", help="The safety net, as in 'stn-align batch': features, rotations or none. "
+                                 "Other than none, the model also runs without it (MODEL+REFINE rows) beside with it (MODEL+REFINE+fallback rows)."),
+    min_score: float = typer.Option(0.75, "--min-score", min=0.0, max=1.0, help="As in 'stn-align batch': the safety net fires below this score (0-1)."),
     baselines: str = typer.Option("identity", "--baselines", help="Comma-separated OpenCV baselines run side by side: identity, orb, sift, ecc ('' for none)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary and every pair's result as JSON to FILE."),
     synthetic: bool = typer.Option(False, "--synthetic", help="PAIRS_DIR is a folder of photos: make random pairs with known ground truth from them."),
@@ -742,7 +792,9 @@ def eval_command(
 ):
     """Measure accuracy and speed on pairs with known ground truth, side by side with OpenCV baselines.
 
-    Prints mean/median corner error, fraction under 1 and 3 px, failures and seconds per pair.
+    Prints mean/median corner error, fraction under 1 and 3 px, failures and seconds per pair. The defaults
+    (--refine ecc --fallback features --min-score 0.75) measure what 'stn-align batch' runs by default; with a
+    safety net it also prints how often it fired and which path won.
     """
     from rich.console import Console
     from rich.markup import escape
@@ -753,6 +805,10 @@ def eval_command(
         fail(f"--refine must be ecc, none or a comma-separated list of them, not {refine!r}", 2)
     if transform is not None and transform not in ("affine", "projective"):
         fail(f"--transform must be affine or projective, not {transform!r}", 2)
+    if fallback not in _FALLBACKS:
+        fail(f"--fallback must be features, rotations or none, not {fallback!r}", 2)
+    if not 0.0 <= min_score <= 1.0:
+        fail(f"--min-score must be between 0 and 1, not {min_score}", 2)
     if mask not in ("none", "auto") and not Path(mask).is_file():
         fail(f"--mask must be none, auto or a mask image file, not {mask!r}", 2)
     if mode not in ("auto", "crop", "whole"):
@@ -768,8 +824,8 @@ def eval_command(
     from .align import Aligner, resolve_model
     from .baselines import BASELINES
     from .checkpoint import CheckpointError
-    from .evaluate import (BaselineMethod, PairSetError, PhotoFolder, Synthetic, load_pair_set, model_methods, parse_size,
-                           rich_table, run, save_pair_set, summarize_all, synthetic_pairs, to_json, write_previews)
+    from .evaluate import (BaselineMethod, PairSetError, PhotoFolder, Synthetic, load_pair_set, method_label, model_methods,
+                           parse_size, rich_table, run, save_pair_set, summarize_all, synthetic_pairs, to_json, write_previews)
     from .io import ImageError
 
     unknown = [b for b in names if b not in BASELINES]
@@ -782,7 +838,7 @@ def eval_command(
         torch.set_num_threads(threads)
         cv2.setNumThreads(threads)
     try:
-        aligner = Aligner.load(resolve_model(model), device, iterations=iterations)
+        aligner = Aligner.load(resolve_model(model), device, iterations=iterations, min_score=min_score, fallback=fallback)
         motion = transform or aligner.transform
         if synthetic:
             spec = Synthetic(mode, parse_size(size), motion, rho, photometric, keep_aspect="x" not in size.lower())
@@ -795,7 +851,10 @@ def eval_command(
             pairs = load_pair_set(pairs_dir)
     except (CheckpointError, PairSetError, ImageError, ValueError, OSError) as err:
         fail(str(err))
-    methods = model_methods(aligner, refines, None if mask == "none" else mask)
+    # Without the net (the network's and ECC's own figures) and, unless --fallback none, with it (what batch runs).
+    methods = model_methods(aligner, refines, None if mask == "none" else mask,
+                            fallbacks=("none",) if fallback == "none" else ("none", fallback))
+    primary = method_label(aligner.name, refines[0], fallback)  # previews show what batch would write
     methods += [BaselineMethod(b, motion) for b in names]
 
     from rich.progress import Progress
@@ -804,21 +863,39 @@ def eval_command(
         task = bar.add_task(f"{len(pairs)} pairs x {len(methods)} methods", total=len(pairs))
         results = run(pairs, methods, progress=lambda done, total: bar.update(task, completed=done))
     summary = summarize_all(results)
-    console.print(rich_table(summary, f"{len(pairs)} pairs, {escape(str(pairs_dir))}"))
+    net = "--fallback none" if fallback == "none" else f"+fallback rows: --fallback {fallback} --min-score {min_score:g}"
+    console.print(rich_table(summary, f"{len(pairs)} pairs, {escape(str(pairs_dir))}; {net}"))
+    _eval_print_safety_net(console, summary, min_score)
     if json_out is not None:
-        extra = {"pairs_dir": str(pairs_dir), "model": str(model), "transform": motion, "synthetic": synthetic}
+        extra = {"pairs_dir": str(pairs_dir), "model": str(model), "transform": motion, "synthetic": synthetic,
+                 "fallback": fallback, "min_score": min_score}
         try:
             json_out.parent.mkdir(parents=True, exist_ok=True)
             json_out.write_text(json.dumps(to_json(results, summary, extra), indent=1))
         except OSError as err:
             fail(f"{json_out}: cannot write ({err.strerror or err})")
     if preview is not None and preview_n > 0:
-        primary = methods[0].name
         try:
             files = write_previews(pairs, results[primary], preview, preview_n, seed, primary)
         except (ImageError, OSError) as err:
             fail(str(err))
         diag.print(f"wrote {len(files)} preview sheets to {escape(str(preview))}")
+
+
+def _eval_print_safety_net(console, summary: dict, min_score: float) -> None:
+    """One line per method with a safety net: :func:`evaluate.safety_net_summary` from its summary."""
+    from rich.markup import escape
+
+    for name, s in summary.items():
+        net = s.get("safety_net")
+        if net is None:
+            continue
+        n = s["pairs"]
+        winners = ", ".join(f"{m} {k}" for m, k in net["methods"].items())
+        cost = ["-" if net[k] is None else f"{net[k]:.3f}" for k in ("seconds_not_fired", "seconds_fired")]
+        console.print(f"safety net of {escape(name)} (fires below score {min_score:g}): fired on {round(net['fired'] * n)}/{n} "
+                      f"({net['fired']:.0%}), a fallback path won on {round(net['fallback_won'] * n)}/{n} "
+                      f"({net['fallback_won']:.0%}); s/pair not fired {cost[0]}, fired {cost[1]}; winners: {escape(winners)}")
 
 
 # ================================================================================================

@@ -30,6 +30,7 @@ __all__ = [
     "is_image_file",
     "list_images",
     "read_image",
+    "read_info",
     "to_float",
     "write_image",
 ]
@@ -304,7 +305,9 @@ def _pil_to_array(p: Path, im: Image.Image) -> np.ndarray:
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     elif mode in ("LA", "La", "PA", "RGBa"):
         im = im.convert("RGBA")
-    elif mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+    elif mode == "CMYK":
+        im = _cmyk_to_srgb(im)
+    elif mode in ("YCbCr", "LAB", "HSV", "RGBX"):
         im = im.convert("RGB")
     elif mode not in ("L", "RGB", "RGBA"):
         raise ImageError(p, f"unsupported image mode {mode!r}")
@@ -312,14 +315,71 @@ def _pil_to_array(p: Path, im: Image.Image) -> np.ndarray:
     return a[:, :, None] if a.ndim == 2 else a
 
 
+def _cmyk_to_srgb(im: Image.Image) -> Image.Image:
+    """CMYK -> sRGB through the file's ICC profile with LittleCMS (Pillow's ImageCms); without a profile (or
+    without ImageCms), Pillow's plain conversion."""
+    profile = im.info.get("icc_profile")
+    if profile:
+        try:
+            from PIL import ImageCms
+
+            source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+            return ImageCms.profileToProfile(im, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except Exception:  # noqa: BLE001 - a broken profile must not make the photo unreadable
+            pass
+    return im.convert("RGB")
+
+
+def _srgb_profile() -> bytes | None:
+    try:
+        from PIL import ImageCms
+
+        return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+_EXIF_STALE = (0x0112, 0xA002, 0xA003, 0x0100, 0x0101)  # orientation (applied), pixel sizes (changed)
+
+
+def read_info(path: str | os.PathLike[str]) -> dict:
+    """What an aligned copy of the file should keep: ``{"icc_profile", "exif", "dpi"}`` (each None if absent).
+
+    ``icc_profile`` describes the pixels :func:`read_image` returns (a CMYK file's pixels are converted to
+    sRGB, so it is the sRGB profile then); ``exif`` is the file's EXIF with the orientation (already applied)
+    and the pixel dimensions removed; ``dpi`` as ``(x, y)``. Reads headers only; never raises on odd metadata.
+    """
+    info: dict = {"icc_profile": None, "exif": None, "dpi": None}
+    try:
+        with Image.open(path) as im:
+            info["icc_profile"] = _srgb_profile() if im.mode == "CMYK" else im.info.get("icc_profile")
+            dpi = im.info.get("dpi")
+            if dpi and len(dpi) == 2 and all(float(v) > 0 for v in dpi):
+                info["dpi"] = (float(dpi[0]), float(dpi[1]))
+            exif = im.getexif()
+            if len(exif):
+                for tag in _EXIF_STALE:
+                    exif.pop(tag, None)
+                with contextlib.suppress(Exception):
+                    sub = exif.get_ifd(0x8769)
+                    for tag in _EXIF_STALE:
+                        sub.pop(tag, None)
+                info["exif"] = exif.tobytes()
+    except Exception:  # noqa: BLE001 - metadata is kept when it can be; the pixels decide readability
+        pass
+    return info
+
+
 # --------------------------------------------------------------------------- writing
 
 
-def write_image(path: str | os.PathLike[str], image: np.ndarray, quality: int = 95) -> None:
+def write_image(path: str | os.PathLike[str], image: np.ndarray, quality: int = 95, info: dict | None = None) -> None:
     """Write ``(H, W, C)`` or ``(H, W)`` uint8/uint16 atomically; format from the suffix.
 
     PNG/TIFF keep 16 bits and alpha; WebP keeps alpha (8-bit; ``quality >= 100`` means
-    lossless); JPEG/BMP are 8-bit and composite alpha onto white. The file is encoded in
+    lossless); JPEG/BMP are 8-bit and composite alpha onto white. ``info`` (see :func:`read_info`):
+    the ICC profile, EXIF and DPI to embed where the format holds them (JPEG, PNG, TIFF, WebP; not
+    16-bit colour PNG/TIFF, which OpenCV encodes). The file is encoded in
     memory, written to a hidden temp file beside ``path`` and moved into place with
     ``os.replace``; on failure nothing is left behind and an existing file is untouched.
     """
@@ -333,7 +393,7 @@ def write_image(path: str | os.PathLike[str], image: np.ndarray, quality: int = 
         raise ImageError(p, f"quality must be in 1..100, got {quality}")
     arr = _check_array(p, image)
     try:
-        data = _encode(arr, fmt, int(quality))
+        data = _encode(arr, fmt, int(quality), info)
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise ImageError(p, f"cannot encode as {fmt}: {e}") from e
     _atomic_write(p, data)
@@ -352,8 +412,8 @@ def _check_array(p: Path, image: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _encode(arr: np.ndarray, fmt: str, quality: int) -> bytes:
-    """Encode an (H, W, C) uint8/uint16 array to file bytes in ``fmt``."""
+def _encode(arr: np.ndarray, fmt: str, quality: int, info: dict | None = None) -> bytes:
+    """Encode an (H, W, C) uint8/uint16 array to file bytes in ``fmt``, with ``info``'s metadata where it fits."""
     if fmt in ("JPEG", "BMP") and arr.shape[2] == 4:
         arr = _composite_on_white(arr)
     if fmt in ("JPEG", "BMP", "WEBP") and arr.dtype == np.uint16:
@@ -362,14 +422,22 @@ def _encode(arr: np.ndarray, fmt: str, quality: int) -> bytes:
         return _encode_opencv(arr, ".png" if fmt == "PNG" else ".tiff")
     im = Image.fromarray(np.ascontiguousarray(arr[:, :, 0] if arr.shape[2] == 1 else arr))
     buf = io.BytesIO()
+    meta = {}
+    if info and fmt != "BMP":
+        if info.get("icc_profile") and not (arr.shape[2] == 1 and fmt == "JPEG"):
+            meta["icc_profile"] = info["icc_profile"]
+        if info.get("exif"):
+            meta["exif"] = info["exif"]
+        if info.get("dpi") and fmt in ("JPEG", "PNG", "TIFF"):
+            meta["dpi"] = tuple(info["dpi"])
     if fmt == "JPEG":
-        im.save(buf, format=fmt, quality=quality, subsampling=0 if quality >= 90 else 2)
+        im.save(buf, format=fmt, quality=quality, subsampling=0 if quality >= 90 else 2, **meta)
     elif fmt == "WEBP":
-        im.save(buf, format=fmt, quality=quality, lossless=quality >= 100, exact=True)
+        im.save(buf, format=fmt, quality=quality, lossless=quality >= 100, exact=True, **meta)
     elif fmt == "TIFF":
-        im.save(buf, format=fmt, compression="tiff_deflate")
+        im.save(buf, format=fmt, compression="tiff_deflate", **meta)
     elif fmt == "PNG":
-        im.save(buf, format=fmt, compress_level=6)
+        im.save(buf, format=fmt, compress_level=6, **meta)
     else:
         im.save(buf, format=fmt)
     return buf.getvalue()

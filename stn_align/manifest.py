@@ -29,7 +29,8 @@ from typing import Optional
 MANIFEST_NAME = "alignments.jsonl"
 CORRUPT_SUFFIX = ".corrupt"
 #: Aligner attributes that change an output; recorded in every fingerprint (see :func:`output_options`).
-OPTION_NAMES = ("transform", "iterations", "working_size", "refine", "fill", "mask", "min_score", "fallback")
+OPTION_NAMES = ("transform", "iterations", "working_size", "refine", "fill", "mask", "min_score", "fallback",
+                "interpolation", "canvas", "crop")
 
 
 class ManifestError(Exception):

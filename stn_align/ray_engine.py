@@ -28,7 +28,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .batch import BatchError, BatchRun, BatchSummary, Pair, align_chunk, open_run, prepare, shared_reference, _one_line
+from .batch import (BatchError, BatchRun, BatchSummary, Pair, _one_line, align_chunk, open_run, plan_pairs, prepare,
+                    shared_reference)
 from .io import DEFAULT_MAX_PIXELS
 
 INSTALL_HINT = "--engine ray needs Ray, which is not installed: pip install \"stn-align[ray]\" (or pip install \"ray[data]>=2.40\")"
@@ -51,7 +52,8 @@ class AlignActor:
     reference, ref_label]`` with absolute paths) and returns ``{"record": JSON strings}``, one per pair.
     """
 
-    def __init__(self, aligner, out_dir: str, max_pixels: Optional[int], shared_ref, threads: int, use_gpu: bool):
+    def __init__(self, aligner, out_dir: str, max_pixels: Optional[int], shared_ref, threads: int, use_gpu: bool,
+                 options: Optional[dict] = None):
         import cv2
         import ray
         import torch
@@ -70,13 +72,14 @@ class AlignActor:
         self.aligner, self.out_dir, self.max_pixels = aligner, Path(out_dir), max_pixels
         self.shared_ref, self.shared = shared_ref, shared_reference(aligner, shared_ref)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stn-ray")
+        self.options = options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         records = []
         for chunk in batch["pairs"]:
             pairs = [Pair(Path(i), rel, Path(o), Path(r) if r else None, label) for i, rel, o, r, label in json.loads(chunk)]
             records += align_chunk(self.aligner, pairs, self.out_dir, self.pool, self.max_pixels, self.shared_ref,
-                                   self.shared)
+                                   self.shared, self.options)
         return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
 
 
@@ -100,6 +103,8 @@ def align_directory_ray(
     actors: Optional[int] = None,
     on_info: Optional[Callable[[str], None]] = None,
     overwrite: bool = False,
+    output_format: str = "keep",
+    quality: int = 95,
 ) -> BatchSummary:
     """:func:`stn_align.batch.align_directory` on a Ray cluster (see the module docstring); same arguments, plus:
 
@@ -123,10 +128,13 @@ def align_directory_ray(
     if workers is not None and workers < 1:
         raise BatchError("--workers must be at least 1", usage=True)
     input_dir, out_dir = Path(input_dir), Path(out_dir)
+    if plan is None:
+        plan = plan_pairs(input_dir, out_dir, ref, ref_dir, recursive, output_format=output_format)
     pairs, excluded, shared_ref, _ = prepare(aligner, input_dir, out_dir, ref, ref_dir, recursive, batch_size,
                                              workers, max_pixels, plan, ref_image)
     summary = BatchSummary(total=len(pairs), excluded_out_dir=excluded)
-    with open_run(aligner, pairs, out_dir, summary, force, on_progress, on_start, overwrite) as run:
+    with open_run(aligner, pairs, out_dir, summary, force, on_progress, on_start, overwrite,
+                  {"format": output_format, "quality": quality}) as run:
         if run.todo:
             connected_here = not ray.is_initialized()
             if connected_here:
@@ -175,7 +183,8 @@ def _run(ray, aligner, run: BatchRun, batch_size: int, workers: Optional[int], m
 
     rows = [{"pairs": json.dumps([row(p) for p in chunk])} for chunk in chunks]  # one row per chunk
     kwargs = {"aligner": ray.put(_on_cpu(aligner)), "out_dir": str(run.out_dir.absolute()), "max_pixels": max_pixels,
-              "shared_ref": None if shared_ref is None else ray.put(shared_ref), "threads": threads, "use_gpu": use_gpu}
+              "shared_ref": None if shared_ref is None else ray.put(shared_ref), "threads": threads, "use_gpu": use_gpu,
+              "options": run.options}
     dataset = ray.data.from_items(rows).map_batches(
         AlignActor, batch_size=1, batch_format="numpy", fn_constructor_kwargs=kwargs,
         compute=ray.data.ActorPoolStrategy(size=size), num_gpus=1 if use_gpu else 0,
