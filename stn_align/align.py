@@ -75,7 +75,7 @@ class AlignResult:
         """JSON-ready summary (no pixels)."""
         record = {"matrix": [[float(v) for v in row] for row in self.matrix], "transform": self.transform,
                   "score": round(float(self.score), 4), "suspect": bool(self.suspect), "refined": bool(self.refined),
-                  "method": self.method}
+                  "method": self.method, "input_size": list(self.input_size), "ref_size": list(self.ref_size)}
         if self.output_matrix is not None:
             record["output_matrix"] = [[float(v) for v in row] for row in self.output_matrix]
         return record
@@ -189,7 +189,7 @@ def parse_fill(text: str) -> str | tuple[int, int, int]:
 
 #: ``--interpolation``: OpenCV's sampling kernel of the final warp (``area``: linear after the area prefilter).
 INTERPOLATIONS = {"linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC, "area": cv2.INTER_LINEAR,
-                  "lanczos": cv2.INTER_LANCZOS4}
+                  "lanczos": cv2.INTER_LANCZOS4, "nearest": cv2.INTER_NEAREST}  # nearest: masks and labels
 
 
 def shrink_factor(matrix: np.ndarray, out_size: tuple[int, int]) -> float:
@@ -231,7 +231,8 @@ def warp_image(
     """
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"unknown interpolation {interpolation!r}; use one of {', '.join(INTERPOLATIONS)}")
-    image, matrix = prefiltered(image, matrix, ref_size)
+    if interpolation != "nearest":  # a label map must keep its values
+        image, matrix = prefiltered(image, matrix, ref_size)
     if fill == "transparent" and image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)  # gray + alpha has no common file format: go RGBA
     if fill == "transparent" and image.shape[2] == 3:

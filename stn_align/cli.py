@@ -352,6 +352,73 @@ def align_command(
 # ---------------------------------------------------------------------------------------------- batch
 
 
+@app.command("apply")
+def apply_command(
+    transform: Path = typer.Argument(..., metavar="MANIFEST_OR_MATRIX", help="A batch manifest (alignments.jsonl) or a JSON transform (the --json record of a single alignment, or a 3x3 list)."),
+    files: list[Path] = typer.Argument(..., metavar="FILES...", help="Images or folders of images to warp the same way (a mask, a RAW development, another resolution of the shot)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output file (one input) or folder (a folder argument's tree is mirrored). Default: NAME.aligned.EXT beside each file."),
+    fill: str = typer.Option("white", "--fill", help=_FILL_HELP + " For masks: black."),
+    interpolation: str = typer.Option("linear", "--interpolation", help=_INTERPOLATION_HELP + " nearest keeps a mask's values."),
+    quality: int = typer.Option(95, "--quality", min=1, max=100, help=_QUALITY_HELP),
+):
+    """Re-apply a recorded transform to other files, e.g. the mask layer or a high-resolution version of a shot.
+
+    With a manifest, each file gets the record of the input with the same relative path (or the same name),
+    any extension. A file of another size than the aligned input is taken as the same shot at another
+    resolution: the output is scaled alike. Examples:
+
+      stn-align apply aligned/alignments.jsonl masks/ -o aligned_masks/ --fill black --interpolation nearest
+      stn-align apply shot.json shot_8k.tif -o shot_8k.aligned.tif
+    """
+    from .align import INTERPOLATIONS, parse_fill
+    from .apply import ApplyError, apply_file, load_transforms, match
+    from .io import ImageError, is_image_file, list_images
+
+    if interpolation not in INTERPOLATIONS:
+        fail(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, not {interpolation!r}", 2)
+    try:
+        fill_option = parse_fill(fill)
+    except ValueError as err:
+        fail(str(err), 2)
+    try:
+        transforms = load_transforms(transform)
+    except ApplyError as err:
+        fail(str(err))
+    jobs: list[tuple[Path, str, Path]] = []  # (file, name to match, output)
+    for item in files:
+        if item.is_dir():
+            try:
+                found = list_images(item)
+            except ImageError as err:
+                fail(str(err))
+            for path in found:
+                rel = path.relative_to(item).as_posix()
+                jobs.append((path, rel, (out / rel) if out is not None else _infer_default_output(path)))
+        else:
+            target = out if out is not None else _infer_default_output(item)
+            if out is not None and (len(files) > 1 or out.is_dir()):
+                target = out / (item.name if is_image_file(item.name) else f"{item.stem}.png")
+            jobs.append((item, item.name, target))
+    protected = [transform, *[f for f, _, _ in jobs]]
+    failures = []
+    for source, name, target in jobs:
+        if any(_infer_same(target, p) for p in protected):
+            failures.append(f"{target}: would overwrite an input (choose another -o)")
+            continue
+        try:
+            chosen = match(transforms, name)
+            _, size = apply_file(chosen, source, target, fill_option, interpolation, quality)
+        except (ApplyError, ImageError, ValueError) as err:
+            failures.append(str(err) if not isinstance(err, ValueError) else f"{source}: {err}")
+            continue
+        typer.echo(f"{source} -> {target} ({size[0]}x{size[1]})")
+    if failures:
+        typer.echo(f"{len(failures)} failed:", err=True)
+        for line in failures:
+            typer.echo(line, err=True)
+        raise typer.Exit(1)
+
+
 @app.command("batch")
 def batch_command(
     input_dir: Path = typer.Argument(..., metavar="INPUT_DIR", help="Folder of images to align."),

@@ -339,7 +339,9 @@ def _srgb_profile() -> bytes | None:
         return None
 
 
-_EXIF_STALE = (0x0112, 0xA002, 0xA003, 0x0100, 0x0101)  # orientation (applied), pixel sizes (changed)
+_EXIF_STALE = (0x0112, 0xA002, 0xA003, 0x0100, 0x0101, 0xA005)  # orientation (applied), sizes (changed), pointers
+#: IFD0 tags an aligned copy keeps: description, camera, authorship, dates.
+_EXIF_KEPT = (0x010E, 0x010F, 0x0110, 0x0131, 0x0132, 0x013B, 0x8298, 0x9C9B, 0x9C9C, 0x9C9D, 0x9C9E, 0x9C9F)
 
 
 def read_info(path: str | os.PathLike[str]) -> dict:
@@ -356,15 +358,18 @@ def read_info(path: str | os.PathLike[str]) -> dict:
             dpi = im.info.get("dpi")
             if dpi and len(dpi) == 2 and all(float(v) > 0 for v in dpi):
                 info["dpi"] = (float(dpi[0]), float(dpi[1]))
-            exif = im.getexif()
-            if len(exif):
-                for tag in _EXIF_STALE:
-                    exif.pop(tag, None)
+            source = im.getexif()
+            kept = Image.Exif()
+            for tag in _EXIF_KEPT:  # descriptive tags only: a TIFF's IFD0 also holds its strip layout
+                if tag in source:
+                    kept[tag] = source[tag]
+            for pointer in (0x8769, 0x8825):  # the Exif (camera settings) and GPS sub-IFDs
                 with contextlib.suppress(Exception):
-                    sub = exif.get_ifd(0x8769)
-                    for tag in _EXIF_STALE:
-                        sub.pop(tag, None)
-                info["exif"] = exif.tobytes()
+                    sub = {k: v for k, v in source.get_ifd(pointer).items() if k not in _EXIF_STALE}
+                    if sub:
+                        kept[pointer] = sub
+            if len(kept):
+                info["exif"] = kept.tobytes()
     except Exception:  # noqa: BLE001 - metadata is kept when it can be; the pixels decide readability
         pass
     return info
@@ -393,8 +398,13 @@ def write_image(path: str | os.PathLike[str], image: np.ndarray, quality: int = 
         raise ImageError(p, f"quality must be in 1..100, got {quality}")
     arr = _check_array(p, image)
     try:
-        data = _encode(arr, fmt, int(quality), info)
-    except (OSError, ValueError, TypeError, KeyError) as e:
+        try:
+            data = _encode(arr, fmt, int(quality), info)
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError):
+            if not info:
+                raise
+            data = _encode(arr, fmt, int(quality), None)  # metadata is kept when it can be; the pixels must be
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
         raise ImageError(p, f"cannot encode as {fmt}: {e}") from e
     _atomic_write(p, data)
 

@@ -198,3 +198,83 @@ def test_the_examples_folder_is_a_pair_set():
     pairs = load_pair_set(root)
     assert len(pairs) == 3 and all(p.matrix.shape == (3, 3) and p.matrix[2, 2] == 1 for p in pairs)
     assert pairs[0].reference.shape[:2] == (256, 384)
+
+
+# --- eval --fallback / --min-score and benchmark setting r (issue #17) -----------------------------------
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "hpatches6"
+
+
+@pytest.fixture(scope="module")
+def turned_pair_set(tmp_path_factory) -> Path:
+    """One pair the identity network gets badly wrong (the reference is the input turned half round)."""
+    image = textured(120, 160, 4)
+    half_turn = np.array([[-1.0, 0, 159], [0, -1, 119], [0, 0, 1]])
+    root = tmp_path_factory.mktemp("turned")
+    save_pair_set([Pair("turned.png", image, cv2.warpPerspective(image, half_turn, (160, 120)), half_turn)], root)
+    return root
+
+
+def test_eval_fallback_none_vs_features_differ_in_what_runs(model_file, turned_pair_set, tmp_path):
+    common = [str(turned_pair_set), "--model", str(model_file), "--refine", "none", "--baselines", "", "--device", "cpu"]
+    off, on = tmp_path / "none.json", tmp_path / "features.json"
+    result = invoke(*common, "--fallback", "none", "--json", str(off))
+    assert "safety net" not in result.output and "--fallback none" in result.output
+    report = json.loads(off.read_text())
+    assert list(report["pairs"]) == ["tiny+none"] and report["fallback"] == "none"
+    assert report["pairs"]["tiny+none"][0]["fired"] is None and report["pairs"]["tiny+none"][0]["error"] > 50
+
+    result = invoke(*common, "--json", str(on))  # the default: --fallback features --min-score 0.75, as batch
+    assert "safety net of tiny+none+fallback" in result.output and "fired on 1/1" in result.output
+    report = json.loads(on.read_text())
+    assert report["fallback"] == "features" and report["min_score"] == 0.75
+    assert list(report["pairs"]) == ["tiny+none", "tiny+none+fallback"]  # without the net, then what batch runs
+    net = report["pairs"]["tiny+none+fallback"][0]
+    assert net["fired"] is True and net["method"].split("+")[0] in ("rotated", "features") and net["error"] < 3
+    assert report["summary"]["tiny+none+fallback"]["safety_net"]["fired"] == 1.0
+    assert report["pairs"]["tiny+none"][0]["error"] > 50  # the row without the net is unchanged
+
+    invoke(*common, "--min-score", "0", "--json", str(on))  # nothing scores below 0: the net never fires
+    net = json.loads(on.read_text())["pairs"]["tiny+none+fallback"][0]
+    assert net["fired"] is False and net["method"] == "network" and net["error"] > 50
+
+
+@pytest.mark.parametrize("extra", [["--min-score", "1.5"], ["--min-score", "-0.1"], ["--fallback", "sift"]])
+def test_eval_min_score_and_fallback_are_checked(tmp_path, extra):
+    result = CliRunner().invoke(app, ["eval", str(tmp_path), *extra])
+    assert result.exit_code == 2, result.output
+    assert extra[0] in result.output
+
+
+def _benchmark_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
+    spec = importlib.util.spec_from_file_location("stn_align_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_setting_r_loads_the_real_pairs(model_file, tmp_path, capsys):
+    bench = _benchmark_module()
+    assert bench.real_pairs(tmp_path / "missing") is None and "setting r skipped" in capsys.readouterr().err
+    if not (REAL / "gt.jsonl").is_file():
+        pytest.skip(f"no real pair set at {REAL}")
+    assert bench.REAL == REAL  # the default --real
+    pairs = bench.real_pairs(REAL)
+    expected = load_pair_set(REAL)
+    assert [p.name for p in pairs] == [p.name for p in expected] and {p.group for p in pairs} == {"r"}
+    assert all(np.array_equal(a.matrix, b.matrix) and np.array_equal(a.input, b.input) for a, b in zip(pairs, expected))
+
+    out = tmp_path / "bench.md"
+    assert bench.main(["--models", f"tiny={model_file}", "--settings", "r", "--baselines", "identity",
+                       "--out", str(out), "--device", "cpu"]) == 0
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert list(raw["summary"]) == ["r"] and "hpatches6" in raw["info"]["settings"]["r"]
+    rows = raw["summary"]["r"]
+    assert set(rows) == {"tiny+none", "tiny+ecc", "tiny+ecc+fallback", "identity"}
+    assert all(s["pairs"] == len(expected) for s in rows.values())
+    assert raw["safety_net"]["tiny"]["r"]["pairs"] == len(expected)
+    report = out.read_text()
+    assert "| method | (r) |" in report and "| (r) |" in report and f"## (r) real pairs: all {len(expected)} of hpatches6" in report
