@@ -11,7 +11,14 @@ training never sees):
 * ``c``: whole product photos at 448 px, projective, perspective corner jitter +-12 %, white fill;
 * ``d``: 512x384 crops of natural photos at least 700 px wide, +-20 %, projective;
 
-all with photometric jitter on both sides. Methods: every model with ``refine=none`` and ``refine=ecc``
+all with photometric jitter on both sides; and
+
+* ``r``: the real pair set ``../shared/data/real/hpatches6`` (from the repository root; ``--real``; every pair,
+  read by :func:`stn_align.evaluate.load_pair_set` as ``stn-align eval`` does; projective baselines),
+  skipped with a note when the folder is missing. The pooled score figures (``all`` AUC, thresholds)
+  stay over the synthetic settings when any ran.
+
+Methods: every model with ``refine=none`` and ``refine=ecc``
 (no safety net: the network's and ECC's own figures), the CLI default ``refine=ecc`` + ``fallback=features``
 (``+ecc+fallback``; for the models in ``--fallback-models``, default the first), identity, ORB + RANSAC,
 SIFT + MAGSAC++, ECC from identity (baselines use the setting's motion model).
@@ -39,11 +46,12 @@ import torch
 
 from stn_align.align import Aligner
 from stn_align.data import WarpRanges, is_held_out, load_photo
-from stn_align.evaluate import (BaselineMethod, Synthetic, method_label, model_methods, markdown_table, rich_table,
-                                roc_auc, run, summarize_all, synthetic_pairs, threshold_table)
+from stn_align.evaluate import (BaselineMethod, Synthetic, load_pair_set, method_label, model_methods, markdown_table,
+                                rich_table, roc_auc, run, summarize_all, synthetic_pairs, threshold_table)
 from stn_align.io import list_images
 
 DATA = Path("/work/shared/data/photos")
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "hpatches6"  # setting r
 WHITE = (255, 255, 255)
 SETTINGS = {
     "a": ("128x128 crops, +-25 % projective (products + natural)", "mixed",
@@ -76,6 +84,22 @@ def make_pairs(photos: dict, n: int, seed: int, settings: str) -> dict:
     return out
 
 
+def real_pairs(directory: Path) -> list | None:
+    """Setting ``r``: every pair of the real pair set (group ``r``), or None with a note when it is missing."""
+    if not (directory / "gt.jsonl").is_file():
+        print(f"note: setting r skipped: no pair set at {directory}", file=sys.stderr)
+        return None
+    pairs = load_pair_set(directory)
+    for pair in pairs:
+        pair.group = "r"
+    return pairs
+
+
+def describe(key: str, pairs: dict, real: Path) -> str:
+    """The setting's one-line description (the synthetic spec, or the real set's name and size)."""
+    return SETTINGS[key][0] if key in SETTINGS else f"real pairs: all {len(pairs[key])} of {real.name}, projective ground truth"
+
+
 def parse_models(text: str) -> list[tuple[str, str]]:
     models = []
     for item in filter(None, (t.strip() for t in text.split(","))):
@@ -92,9 +116,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch and OpenCV threads (timings are per pair at this count)")
-    parser.add_argument("--settings", default="abcd")
+    parser.add_argument("--settings", default="abcdr", help="a-d: synthetic; r: the real pair set (--real)")
     parser.add_argument("--baselines", default=",".join(BASELINES))
     parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--real", type=Path, default=REAL, help="setting r's pair set (inputs/, refs/, gt.jsonl)")
     parser.add_argument("--mask", default=None, help="mask option for the models (none/auto)")
     parser.add_argument("--fallback-models", default=None,
                         help="comma-separated model labels that also run as the CLI default (ecc + fallback features); "
@@ -104,8 +129,11 @@ def main(argv=None) -> int:
     cv2.setNumThreads(args.threads)
     started = time.perf_counter()
 
-    photos = held_out_photos(args.data)
-    pairs = make_pairs(photos, args.pairs, args.seed, args.settings)
+    synthetic = any(key in args.settings for key in SETTINGS)
+    photos = held_out_photos(args.data) if synthetic else {}
+    pairs = make_pairs(photos, args.pairs, args.seed, args.settings) if synthetic else {}
+    if "r" in args.settings and (real := real_pairs(args.real)) is not None:
+        pairs["r"] = real
     aligners = []
     for label, path in parse_models(args.models):
         path, _, size = path.partition("@")  # path@256: an iterative model's update stage at another working size
@@ -120,7 +148,7 @@ def main(argv=None) -> int:
 
     results, summaries = {}, {}
     for key, setting_pairs in pairs.items():
-        transform = SETTINGS[key][2].transform
+        transform = SETTINGS[key][2].transform if key in SETTINGS else "projective"
         methods = []
         for label, a in aligners:
             methods += model_methods(a, ("none", "ecc"), args.mask, label)
@@ -140,7 +168,8 @@ def main(argv=None) -> int:
         for refine, fallback in variants:
             name = method_label(first, refine, fallback)
             rows = {key: results[key][name] for key in results}
-            every = [r for rs in rows.values() for r in rs]
+            pooled = [k for k in rows if k in SETTINGS] or list(rows)  # r joins the pooled figures only alone
+            every = [r for k in pooled for r in rows[k]]
             scores, errors = np.array([r.score for r in every]), np.array([r.error for r in every])
             confidence[name] = {
                 "auc": {**{key: roc_auc([r.score for r in rs], [r.error for r in rs]) for key, rs in rows.items()},
@@ -152,7 +181,7 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - started
     info = {"pairs_per_setting": args.pairs, "seed": args.seed, "threads": args.threads, "device": args.device,
             "models": dict(parse_models(args.models)), "cpu": platform.processor() or platform.machine(),
-            "seconds_total": round(elapsed, 1), "settings": {k: SETTINGS[k][0] for k in pairs},
+            "seconds_total": round(elapsed, 1), "settings": {k: describe(k, pairs, args.real) for k in pairs},
             "fallback_models": fallback_models}
     comparison = side_by_side(summaries, labels[0] if labels else None, fallback_models)
     safety = {label: {key: safety_net_effect(results[key], label) for key in results} for label in fallback_models}
@@ -172,7 +201,7 @@ def main(argv=None) -> int:
 
     console = Console()
     for key, summary in summaries.items():
-        console.print(rich_table(summary, f"({key}) {SETTINGS[key][0]}"))
+        console.print(rich_table(summary, f"({key}) {info['settings'][key]}"))
     print("\n".join(render_side_by_side(comparison, info, summaries) + render_safety(safety)), flush=True)
     for name, c in confidence.items():
         console.print(f"score ROC AUC ({name}, <3 px vs >10 px): " + ", ".join(
@@ -254,7 +283,8 @@ def render_safety(safety: dict) -> list[str]:
 
 def render(summaries: dict, confidence: dict, info: dict, comparison: list | None = None, safety: dict | None = None) -> str:
     lines = ["# stn-align benchmark", "",
-             f"{info['pairs_per_setting']} synthetic pairs per setting from held-out photos (seed {info['seed']}), "
+             (f"{info['pairs_per_setting']} synthetic pairs per setting from held-out photos (seed {info['seed']}), "
+              if set(info["settings"]) - {"r"} else "Real pairs only (setting r), ") +
              f"device {info['device']}, {info['threads']} thread(s) for torch and OpenCV ({info['cpu']}); "
              f"models: {', '.join(f'{k} = {v}' for k, v in info['models'].items())}; total run {info['seconds_total']:.0f} s.", "",
              "Corner error in reference pixels (mean over the 4 input corners). A failure (no matrix) counts as a miss "
@@ -263,6 +293,10 @@ def render(summaries: dict, confidence: dict, info: dict, comparison: list | Non
              "`+ecc+fallback` = the CLI default (ECC and `fallback=features`). Baselines estimate the setting's motion "
              "model (homography, or affine in (b)). Seconds per pair: the method's own work on CPU (model: resize, "
              "network, refinement, safety net, score; no final warp).", ""]
+    if "r" in info["settings"]:
+        lines += [f"Setting (r) is not synthetic: {info['settings']['r']} (read as `stn-align eval` reads a pair set); "
+                  "the pooled score figures (`all`, thresholds) cover " +
+                  ("the synthetic settings only." if len(info["settings"]) > 1 else "these pairs."), ""]
     lines += render_side_by_side(comparison or [], info, summaries) + render_safety(safety or {})
     for key, summary in summaries.items():
         lines += [f"## ({key}) {info['settings'][key]}", "", markdown_table(summary), ""]

@@ -153,6 +153,9 @@ def plan_pairs(
     recursive: bool = True,
     skipped: Optional[list[tuple[Path, str]]] = None,
     output_format: str = "keep",
+    ref_in_folder: Optional[str] = None,
+    pairs_csv: Path | str | None = None,
+    ignore_case: bool = False,
 ) -> tuple[list[Pair], bool]:
     """List the inputs and pair each with its reference. Returns ``(pairs, out_dir_excluded)``.
 
@@ -165,8 +168,8 @@ def plan_pairs(
     ambiguous reference, output that would overwrite an input) become ``Pair.error``.
     """
     input_dir, out_dir = Path(input_dir), Path(out_dir)
-    if (ref is None) == (ref_dir is None):
-        raise BatchError("give exactly one of --ref FILE or --ref-dir DIR", usage=True)
+    if sum(x is not None for x in (ref, ref_dir, ref_in_folder, pairs_csv)) != 1:
+        raise BatchError("give exactly one of --ref FILE, --ref-dir DIR, --ref-in-folder NAME or --pairs CSV", usage=True)
     in_root, out_root = input_dir.resolve(), out_dir.resolve()
     if in_root == out_root:
         raise BatchError(f"{out_dir}: the output directory is the input directory (choose another -o)", usage=True)
@@ -180,7 +183,12 @@ def plan_pairs(
 
     protected: set[Path] = {p.resolve() for p in inputs}
     pairs: list[Pair] = []
-    if ref is not None:
+    fold = (lambda text: text.lower()) if ignore_case else (lambda text: text)
+    if ref_in_folder is not None:
+        pairs = _pairs_by_folder(inputs, input_dir, out_dir, ref_in_folder, fold, skipped)
+    elif pairs_csv is not None:
+        pairs = _pairs_from_csv(Path(pairs_csv), input_dir, out_dir, protected)
+    elif ref is not None:
         ref = Path(ref)
         if ref.is_dir():
             raise ImageError(ref, "is a directory (use --ref-dir for a directory of references)")
@@ -195,16 +203,17 @@ def plan_pairs(
         by_stem: dict[str, list[Path]] = {}
         for r in refs:
             rel = r.relative_to(ref_dir).as_posix()
-            by_rel[rel] = r
-            by_stem.setdefault(_stem_key(rel), []).append(r)
+            by_rel[fold(rel)] = r
+            by_stem.setdefault(fold(_stem_key(rel)), []).append(r)
             protected.add(r.resolve())
         for p in inputs:
             rel = p.relative_to(input_dir).as_posix()
             pair = Pair(p, rel, out_dir / rel, None, "")
-            if rel in by_rel:
-                pair.reference, pair.ref_label = by_rel[rel], rel
+            if fold(rel) in by_rel:
+                pair.reference = by_rel[fold(rel)]
+                pair.ref_label = pair.reference.relative_to(ref_dir).as_posix()
             else:
-                found = by_stem.get(_stem_key(rel), [])
+                found = by_stem.get(fold(_stem_key(rel)), [])
                 if len(found) == 1:
                     pair.reference, pair.ref_label = found[0], found[0].relative_to(ref_dir).as_posix()
                 elif not found:
@@ -231,6 +240,66 @@ def plan_pairs(
         if pair.error is None and pair.output.resolve() in protected:
             pair.error = f"{pair.output}: refusing to write an output over an input or reference file"
     return pairs, excluded
+
+
+def _pairs_by_folder(inputs: list[Path], input_dir: Path, out_dir: Path, pattern: str, fold,
+                     skipped: Optional[list] = None) -> list[Pair]:
+    """``--ref-in-folder``: in each folder, the one image whose name matches ``pattern`` (a name or a glob) is the
+    reference of the others; it is not aligned itself."""
+    import fnmatch
+
+    by_folder: dict[Path, list[Path]] = {}
+    for p in inputs:
+        by_folder.setdefault(p.parent, []).append(p)
+    pairs = []
+    for folder, files in by_folder.items():
+        refs = [p for p in files if fnmatch.fnmatchcase(fold(p.name), fold(pattern))]
+        for p in files:
+            rel = p.relative_to(input_dir).as_posix()
+            if p in refs:
+                if skipped is not None:
+                    skipped.append((p, f"the reference of its folder (--ref-in-folder {pattern})"))
+                continue
+            pair = Pair(p, rel, out_dir / rel, None, "")
+            if len(refs) == 1:
+                pair.reference, pair.ref_label = refs[0], refs[0].relative_to(input_dir).as_posix()
+            elif not refs:
+                pair.error = f"{p}: no reference matching {pattern!r} in {folder}"
+            else:
+                pair.error = f"{p}: several references match {pattern!r} in {folder}: {', '.join(r.name for r in refs)}"
+            pairs.append(pair)
+    return pairs
+
+
+def _pairs_from_csv(path: Path, input_dir: Path, out_dir: Path, protected: set[Path]) -> list[Pair]:
+    """``--pairs CSV``: rows ``input,reference`` (an optional header row ``input,reference``). Inputs are relative
+    to INPUT_DIR, references to the CSV's folder (or absolute). Only the listed inputs are aligned."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise BatchError(f"{path}: cannot read the pairs file ({getattr(err, 'strerror', None) or err})") from None
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["input", "reference"]:
+        rows = rows[1:]
+    pairs, seen = [], set()
+    for number, row in enumerate(rows, 1):
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            raise BatchError(f"{path} row {number}: expected 'input,reference'", usage=True)
+        rel = Path(row[0].strip()).as_posix()
+        source = input_dir / rel
+        reference = Path(row[1].strip())
+        reference = reference if reference.is_absolute() else path.parent / reference
+        pair = Pair(source, rel, out_dir / rel, reference, row[1].strip())
+        if rel in seen:
+            raise BatchError(f"{path} row {number}: {rel} is listed twice", usage=True)
+        seen.add(rel)
+        if not source.resolve().is_relative_to(input_dir.resolve()):
+            pair.error = f"{source}: not inside {input_dir} (inputs in a pairs file are relative to INPUT_DIR)"
+        protected.update({source.resolve(), reference.resolve()})
+        pairs.append(pair)
+    return pairs
 
 
 def check_alpha_outputs(pairs: list[Pair]) -> None:
@@ -751,13 +820,18 @@ def align_directory(
     stop: Optional[threading.Event] = None,
     output_format: str = "keep",
     quality: int = 95,
+    ref_in_folder: Optional[str] = None,
+    pairs_csv: Path | str | None = None,
+    ignore_case: bool = False,
 ) -> BatchSummary:
     """Align every image under ``input_dir`` into ``out_dir`` on this machine; see the module docstring.
 
     Args:
         aligner: a loaded :class:`stn_align.align.Aligner`.
-        ref / ref_dir: one reference for all inputs, or a tree of references paired by relative path
-            (or by relative stem with any image extension).
+        ref / ref_dir / ref_in_folder / pairs_csv: one reference for all inputs; a tree of references paired by
+            relative path (or by relative stem with any image extension); in each folder the image whose name
+            matches a pattern; or a CSV of ``input,reference`` rows (see :func:`plan_pairs`). ``ignore_case``
+            applies to the first two kinds of matching.
         force: redo every pair, even those whose output is up to date.
         batch_size: pairs per network call. workers: decode/refine/encode threads (default min(4, cpus)).
         on_start: called once with the number of inputs. on_progress: called with each input's record
@@ -779,7 +853,8 @@ def align_directory(
     input_dir, out_dir = Path(input_dir), Path(out_dir)
     skipped_entries: list[tuple[Path, str]] = []
     if plan is None:
-        plan = plan_pairs(input_dir, out_dir, ref, ref_dir, recursive, skipped=skipped_entries, output_format=output_format)
+        plan = plan_pairs(input_dir, out_dir, ref, ref_dir, recursive, skipped=skipped_entries, output_format=output_format,
+                          ref_in_folder=ref_in_folder, pairs_csv=pairs_csv, ignore_case=ignore_case)
     pairs, excluded, shared_ref, workers = prepare(aligner, input_dir, out_dir, ref, ref_dir, recursive, batch_size,
                                                    workers, max_pixels, plan, ref_image, skipped_entries)
     summary = BatchSummary(total=len(pairs), excluded_out_dir=excluded, skipped_entries=skipped_entries)

@@ -425,6 +425,9 @@ def batch_command(
     out: Path = typer.Option(..., "-o", "--out", help="Output folder: mirrors INPUT_DIR (same relative paths and names) plus alignments.jsonl. A folder inside INPUT_DIR is left out of the input listing."),
     ref: Optional[Path] = typer.Option(None, "--ref", "-r", help="One reference for every input."),
     ref_dir: Optional[Path] = typer.Option(None, "--ref-dir", help="Folder of references: each input is paired with the reference at the same relative path, or else the same relative name with any image extension."),
+    ref_in_folder: Optional[str] = typer.Option(None, "--ref-in-folder", metavar="NAME|GLOB", help="One reference per product folder: the image of each folder whose name matches (e.g. 'ref.jpg' or '*_front.*') is the reference of the others there."),
+    pairs: Optional[Path] = typer.Option(None, "--pairs", metavar="CSV", help="A CSV of input,reference rows (inputs relative to INPUT_DIR, references to the CSV's folder); only those inputs are aligned."),
+    ignore_case: bool = typer.Option(False, "--ignore-case", help="Match --ref-dir names and --ref-in-folder patterns regardless of case."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
     transform: Optional[str] = typer.Option(None, "--transform", help=_TRANSFORM_HELP),
     iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help=_ITERATIONS_HELP),
@@ -469,8 +472,8 @@ def batch_command(
     from .batch import BatchError, StopSignals, align_directory, check_alpha_outputs, plan_pairs
     from .io import ImageError, read_image
 
-    if (ref is None) == (ref_dir is None):
-        fail("give exactly one of --ref FILE or --ref-dir DIR", 2)
+    if sum(x is not None for x in (ref, ref_dir, ref_in_folder, pairs)) != 1:
+        fail("give exactly one of --ref FILE, --ref-dir DIR, --ref-in-folder NAME or --pairs CSV", 2)
     _infer_check_options(transform, refine, fill, iterations, min_score, fallback)
     _infer_check_output(output_format, interpolation, canvas, crop)
     if engine not in ("local", "ray"):
@@ -491,7 +494,8 @@ def batch_command(
     not_inputs: list[tuple[Path, str]] = []
     try:
         plan = plan_pairs(input_dir, out, ref=ref, ref_dir=ref_dir, recursive=recursive, skipped=not_inputs,
-                          output_format=output_format)
+                          output_format=output_format, ref_in_folder=ref_in_folder, pairs_csv=pairs,
+                          ignore_case=ignore_case)
         if fill == "transparent":
             check_alpha_outputs(plan[0])
         ref_image = read_image(ref, max_pixels=max_pixels) if ref is not None else None
@@ -600,7 +604,7 @@ def batch_command(
                    f"all listed in {escape(str(Path(out) / SUSPECTS_NAME))}")
         judged = summary.aligned + summary.skipped
         if judged >= 4 and summary.suspect > 0.5 * judged:
-            what = "--ref the right image" if ref is not None else "--ref-dir pairing the right references"
+            what = "--ref the right image" if ref is not None else "the pairing giving the right references"
             diag.print(f"[yellow]warning:[/yellow] {summary.suspect} of {judged} alignments are suspect: is {what}?")
     if summary.interrupted and stopper is not None and stopper.signum is not None:
         name = "SIGTERM" if stopper.signum == 15 else "SIGINT"
