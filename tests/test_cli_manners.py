@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from stn_align.io import write_image
@@ -37,6 +39,7 @@ def test_mistyped_command_is_an_error_with_a_suggestion():
     assert "No such command 'bacth'" in result.stderr and "batch" in result.stderr
 
 
+@pytest.mark.slow
 def test_quiet_and_plain_progress(tmp_path, model_file):
     src = tmp_path / "in"
     ref_image = base_image(0)

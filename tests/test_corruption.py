@@ -128,6 +128,7 @@ def test_a_resaved_copy_of_the_reference_comes_back_as_the_identity():
         assert corner_error(result.matrix, np.eye(3), (ref.shape[1], ref.shape[0])) < 0.25, (path, result.method)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_files_respect_the_umask(tmp_path, model_file, umask):
     saved = os.umask(umask)

@@ -20,6 +20,8 @@ from stn_align.cli import app
 from stn_align.data import PairSampler, WarpRanges
 from stn_align.train import StepBatches, TrainConfig, launch
 
+pytestmark = pytest.mark.slow  # CI runs these too: python -m pytest -q -m slow
+
 STEPS = 30
 # Whole-image translations (every CLI option spelled out below), so that 30 steps show real learning.
 OPTIONS = dict(size=64, steps=STEPS, batch_size=8, lr=3e-3, warmup=3, workers=0, threads=1, val_fraction=0.2, seed=0,

@@ -256,6 +256,7 @@ def _benchmark_module():
     return module
 
 
+@pytest.mark.slow
 def test_benchmark_setting_r_loads_the_real_pairs(model_file, tmp_path, capsys):
     bench = _benchmark_module()
     assert bench.real_pairs(tmp_path / "missing") is None and "setting r skipped" in capsys.readouterr().err

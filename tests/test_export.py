@@ -17,6 +17,8 @@ from stn_align.export import ExportError, WorkingFrameEstimate, default_iteratio
 from stn_align.geometry import working_to_pixel  # noqa: E402
 from stn_align.model import AlignerNet, ModelConfig  # noqa: E402
 
+pytestmark = pytest.mark.slow  # CI runs these too: python -m pytest -q -m slow
+
 
 def photo_pairs(n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """``n`` pairs of 160 x 160 photos: a crop and a shifted, slightly rotated crop of the same photo."""

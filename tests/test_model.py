@@ -98,6 +98,7 @@ def test_gradients_reach_encoder_heads_and_update():
     assert net.encoder.project_fine.weight.grad.abs().sum() > 0  # through the correlation volume
 
 
+@pytest.mark.slow
 def test_overfits_one_pair_below_half_a_pixel():
     """A few hundred CPU steps on one textured pair drive the final estimate under 0.5 px (working frame)."""
     from stn_align.data import NO_PHOTOMETRIC, WarpRanges, crop_pair

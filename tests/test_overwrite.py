@@ -89,6 +89,7 @@ def test_train_refuses_a_path_inside_the_photos(tmp_path):
     assert md5(photos / "10001.jpg") == before and not (photos / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_train_refuses_other_files_folders_and_existing_models(tmp_path, model_file):
     photos = tmp_path / "photos"
     write_image(photos / "a.jpg", base_image(0))
@@ -115,6 +116,7 @@ def test_train_checks_the_destination_is_writable_before_training(tmp_path):
     assert "photos:" not in result.stdout  # refused before any photo was read
 
 
+@pytest.mark.slow
 def test_train_overwrite_replaces_and_resume_continues(tmp_path):
     from stn_align.checkpoint import read_metadata
     from stn_align.train import TrainConfig, train as run_training

@@ -25,6 +25,8 @@ from stn_align.ray_engine import align_directory_ray  # noqa: E402
 
 from conftest import base_image  # noqa: E402
 
+pytestmark = pytest.mark.slow  # CI runs these too: python -m pytest -q -m slow
+
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():

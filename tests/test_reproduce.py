@@ -54,6 +54,7 @@ def test_prepare_mnist_root_from_gz_and_from_unpacked_root(cache_dir):
 
 
 @needs_mnist
+@pytest.mark.slow
 def test_smoke_run_mnist_rot_writes_table_plots_json_and_resumes(tmp_path, cache_dir):
     kwargs = dict(epochs=1, seeds=2, device="cpu", out_dir=tmp_path, limit=300, test_limit=200, cache_dir=cache_dir,
                   figure_images=20)
@@ -85,6 +86,7 @@ def test_smoke_run_mnist_rot_writes_table_plots_json_and_resumes(tmp_path, cache
 
 
 @needs_mnist
+@pytest.mark.slow
 def test_stop_after_ends_a_run_early_and_a_later_call_resumes_it(tmp_path, cache_dir):
     kwargs = dict(epochs=3, seeds=1, device="cpu", out_dir=tmp_path, limit=128, test_limit=50, cache_dir=cache_dir,
                   figure_images=10, networks=("STN-C0",))
@@ -124,6 +126,7 @@ def test_report_only_writes_outputs_from_checkpoints_without_training(tmp_path, 
 
 
 @needs_mnist
+@pytest.mark.slow
 def test_paper_protocol_uses_the_authors_optimiser(tmp_path, cache_dir):
     report = run_reproduce("mnist-rot", MNIST_GZ, seeds=1, device="cpu", out_dir=tmp_path, limit=64, test_limit=50,
                            cache_dir=cache_dir, protocol="paper", iterations=3, networks=("STN-SL1",))
@@ -217,6 +220,7 @@ def test_rotation_r_per_class_separates_tracked_and_untracked_classes():
 
 
 @needs_mnist
+@pytest.mark.slow
 def test_smoke_run_mnist_trans(tmp_path, cache_dir):
     report = run_reproduce(
         "mnist-trans", MNIST_GZ, epochs=1, seeds=1, device="cpu", out_dir=tmp_path, limit=64,
@@ -336,6 +340,7 @@ LEARNS = dict(optimizer="adam", lr=1e-6, loc_lr_scale=1000.0, batch_size=64, sch
               figure_images=16)
 
 
+@pytest.mark.slow
 def test_stn_c0_learns_to_undo_rotation():
     """After a short run STN-C0's predicted angle tracks the applied rotation (Figure 3's measure)."""
     run = _train_stn_c0_on_rotated_glyphs(ReproduceConfig("mnist-rot", **LEARNS))
@@ -343,6 +348,7 @@ def test_stn_c0_learns_to_undo_rotation():
     assert run.test_error_pct < 20  # and un-rotating is what lets the upright classifier work (64 % at epoch 1)
 
 
+@pytest.mark.slow
 def test_stn_c0_rotation_test_can_fail():
     """The same run with a frozen transformer (localisation lr 0) does not track the rotation."""
     run = _train_stn_c0_on_rotated_glyphs(ReproduceConfig("mnist-rot", **{**LEARNS, "loc_lr_scale": 0.0}))

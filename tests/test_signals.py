@@ -20,7 +20,7 @@ from stn_align.manifest import MANIFEST_NAME, read_manifest
 
 from conftest import base_image, jsonl, run_cli, shifted
 
-pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.name != "posix", reason="POSIX signals")]
 
 
 def make_inputs(root: Path, n: int, size=(96, 72)) -> tuple[Path, Path]:

@@ -41,6 +41,7 @@ def test_sampler_is_a_function_of_seed_and_step():
     assert not np.array_equal(a[0], sampler.batch(photos, 8, 4)[0])
 
 
+@pytest.mark.slow
 def test_loss_falls_and_checkpoint_describes_itself(photo_dir, tmp_path):
     torch.manual_seed(0)
     out = tmp_path / "m.safetensors"
@@ -61,6 +62,7 @@ def test_loss_falls_and_checkpoint_describes_itself(photo_dir, tmp_path):
     assert state_path(out).exists()
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(photo_dir, tmp_path):
     straight = tmp_path / "straight.safetensors"
     chunked = tmp_path / "chunked.safetensors"
