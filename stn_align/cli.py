@@ -677,8 +677,31 @@ def batch_command(
 # ---------------------------------------------------------------------------------------------- train
 
 
+def _train_restore_settings(ctx, resume: Path, values: dict, range_values: dict) -> None:
+    """Fill ``values``/``range_values`` with the resumed run's saved settings where the option was not given."""
+    from .checkpoint import CheckpointError, read_metadata, state_path
+
+    path = resume if resume.name.endswith(".state.safetensors") else state_path(resume)
+    try:
+        saved = read_metadata(path).get("training", {}).get("args", {})
+    except CheckpointError as err:
+        fail(str(err))
+    saved_ranges = saved.get("ranges") or {}
+    for target, source in ((values, saved), (range_values, saved_ranges)):
+        for name in target:
+            if name not in source:
+                continue
+            given = ctx.get_parameter_source(name) is not None and ctx.get_parameter_source(name).name != "DEFAULT"
+            if not given:
+                target[name] = source[name]
+            elif target[name] != source[name]:
+                typer.echo(f"warning: --{name.replace('_', '-')} {target[name]} overrides the resumed run's "
+                           f"{source[name]}", err=True)
+
+
 @app.command()
 def train(
+    ctx: typer.Context,
     data_dir: Path = typer.Argument(..., help="Folder of photos (searched recursively, any common image format)."),
     out: Path = typer.Option(..., "-o", "--out", help="Model file to write (MODEL.safetensors; training state goes beside it)."),
     transform: str = typer.Option("projective", help="affine (6 parameters) or projective (8)."),
@@ -709,6 +732,8 @@ def train(
     checkpoint_every: int = typer.Option(500, min=1, help="Checkpoint every N steps."),
     stop_after: Optional[int] = typer.Option(None, min=1, help="Stop (with a checkpoint) at this step; continue later with --resume."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model at -o (default: refused; --resume continues it)."),
+    val_dir: Optional[Path] = typer.Option(None, "--val-dir", help="Validation photos from this folder (every photo of DATA_DIR then trains)."),
+    group_by: str = typer.Option("auto", "--group-by", help="What the validation split keeps together: name, folder (all views of one product), auto (folder when file names repeat across folders, else name) or a regex over the relative path whose first group is the key."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes (one per GPU, or CPU processes; "
                               "the batch is split across them). Same as torchrun --nproc_per_node N -m stn_align.train."),
 ):
@@ -731,16 +756,19 @@ def train(
         fail(f"--transform must be affine or projective, not {transform!r}")
     if architecture not in ("iterative", "global"):
         fail(f"--architecture must be iterative or global, not {architecture!r}", 2)
-    ranges = WarpRanges(max_rotation=max_rotation, max_scale=max_scale, max_shear=max_shear,
+    values = dict(transform=transform, size=size, architecture=architecture, steps=steps, warmup=warmup,
+                  batch_size=batch_size, lr=lr, val_fraction=val_fraction, init=str(init) if init else None, seed=seed,
+                  init_lr_scale=init_lr_scale, iterations=iterations, p_crop=p_crop, eval_every=eval_every,
+                  eval_every_seconds=eval_every_seconds, checkpoint_every=checkpoint_every,
+                  val_dir=str(val_dir) if val_dir else None, group_by=group_by)
+    range_values = dict(max_rotation=max_rotation, max_scale=max_scale, max_shear=max_shear,
                         max_translation=max_translation, max_perspective=max_perspective, crop_rho=crop_rho)
-    config = TrainConfig(data_dir=str(data_dir), out=str(out), transform=transform, size=size, architecture=architecture,
-                         steps=steps, warmup=warmup,
-                         batch_size=batch_size, lr=lr, device=device, workers=workers, threads=threads, val_fraction=val_fraction,
-                         resume=str(resume) if resume else None, init=str(init) if init else None, seed=seed,
-                         init_lr_scale=init_lr_scale,
-                         iterations=iterations, p_crop=p_crop, ranges=ranges, eval_every=eval_every,
-                         eval_every_seconds=eval_every_seconds,
-                         checkpoint_every=checkpoint_every, stop_after=stop_after, overwrite=overwrite)
+    if resume is not None:  # the run's own settings, unless given here (then a warning says so)
+        _train_restore_settings(ctx, resume, values, range_values)
+    ranges = WarpRanges(**range_values)
+    config = TrainConfig(data_dir=str(data_dir), out=str(out), device=device, workers=workers, threads=threads,
+                         resume=str(resume) if resume else None, ranges=ranges, stop_after=stop_after,
+                         overwrite=overwrite, **values)
     from .train import check_destination
 
     try:
@@ -756,8 +784,14 @@ def train(
         fail(str(err))
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return
-    figures = result.get("validation")
-    typer.echo(f"wrote {out}" + (f" (validation: mean {figures['mean_px']:.2f}px, <3px {figures['under_3px']:.1%})" if figures else ""))
+    figures, at = result.get("validation"), result.get("validation_step")
+    typer.echo(f"wrote {out}" + (f" (validation at step {at}: mean {figures['mean_px']:.2f}px, "
+                                 f"<3px {figures['under_3px']:.1%})" if figures else ""))
+    from .train import _best_so_far, best_path
+
+    best = best_path(out)
+    if best.is_file():
+        typer.echo(f"best validated weights: {best} (mean {_best_so_far(best):.2f}px)")
 
 
 # --------------------------------------------------------------------------------------------- models

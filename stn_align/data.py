@@ -62,7 +62,12 @@ NO_PHOTOMETRIC = Photometric(0, 0, 0, 0, 0, 0, 0)
 
 def is_held_out(path: Path | str, val_fraction: float) -> bool:
     """Deterministic photo-level split by a hash of the file name (stable across machines and orderings)."""
-    return zlib.crc32(Path(path).name.encode()) % 10_000 < val_fraction * 10_000
+    return key_held_out(Path(path).name, val_fraction)
+
+
+def key_held_out(key: str, val_fraction: float) -> bool:
+    """The split of a group key (a file name, a folder, ...): a hash, stable across machines and orderings."""
+    return zlib.crc32(key.encode()) % 10_000 < val_fraction * 10_000
 
 
 def load_photo(path: Path | str, max_side: int = 1024) -> np.ndarray:

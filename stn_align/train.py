@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_model, load_training_state, save_model, save_training_state, state_path
-from .data import PairSampler, Photometric, WarpRanges, is_held_out, load_photo
+from .data import PairSampler, Photometric, WarpRanges, key_held_out, load_photo
 from .geometry import homography_to_corners, pixel_to_normalized
 from .model import AlignerNet, ModelConfig, parameter_count, resolve_device
 
@@ -61,6 +61,8 @@ class TrainConfig:
     init_lr_scale: float = 1.0  # learning-rate factor of the weights taken from `init` (0 freezes them; new parts train at `lr`)
     max_photos: int | None = None
     overwrite: bool = False  # replace an existing model at `out` (without it, only `resume` from it may)
+    val_dir: str | None = None  # validation photos from this folder (then every photo of data_dir trains)
+    group_by: str = "auto"  # the split's unit: auto, name, folder or a regex over the relative path (see split_photos)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,6 +82,13 @@ class TrainConfig:
             raise ValueError(f"--val-fraction must be in [0, 1), not {self.val_fraction}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"--stop-after must be at least 1, not {self.stop_after}")
+        if self.group_by not in ("auto", "name", "folder"):
+            import re
+
+            try:
+                re.compile(self.group_by)
+            except re.error as err:
+                raise ValueError(f"--group-by {self.group_by!r}: not auto, name, folder or a valid regex ({err})") from None
 
 
 def check_destination(config: TrainConfig) -> None:
@@ -96,7 +105,7 @@ def check_destination(config: TrainConfig) -> None:
         raise ValueError(f"{out}: the model file must end in .safetensors")
     if out.is_dir():
         raise ValueError(f"{out}: is a directory; give a file name such as {out / 'model.safetensors'}")
-    for path in (out, state_path(out)):
+    for path in (out, state_path(out), best_path(out)):
         if not path.exists():
             continue
         try:
@@ -120,10 +129,36 @@ def find_photos(data_dir: str | Path) -> list[Path]:
     return list_images(data_dir, recursive=True)
 
 
-def split_photos(paths: list[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
-    """Photo-level split: validation photos never appear in training pairs."""
-    val = [p for p in paths if is_held_out(p, val_fraction)]
-    train = [p for p in paths if not is_held_out(p, val_fraction)]
+def split_group(path: Path, root: Path | None, group_by: str = "auto", names_unique: bool = True) -> str:
+    """The key that decides a photo's side of the split; photos with one key are never on both sides.
+
+    ``name``: the file name (0.2's split; the benchmarks' held-out photos); ``folder``: the folder relative to
+    ``root`` (all views of one SKU in ``sku/front.jpg`` layouts); ``auto``: ``name`` when file names are unique
+    across folders, else ``folder``; anything else: a regular expression searched in the relative path, its
+    first group (or the whole match) being the key (e.g. ``^([^_]+)_`` for ``SKU_view.jpg`` names)."""
+    import re
+
+    rel = path.relative_to(root).as_posix() if root is not None and path.is_relative_to(root) else path.name
+    if group_by == "auto":
+        group_by = "name" if names_unique else "folder"
+    if group_by == "name":
+        return path.name
+    if group_by == "folder":
+        return rel.rpartition("/")[0] or "."
+    found = re.search(group_by, rel)
+    if not found:
+        return rel
+    return found.group(1) if found.groups() else found.group(0)
+
+
+def split_photos(paths: list[Path], val_fraction: float, root: Path | None = None,
+                 group_by: str = "auto") -> tuple[list[Path], list[Path]]:
+    """Group-level split by a hash of each photo's :func:`split_group` key: validation photos (and every photo
+    sharing their key) never appear in training pairs."""
+    names_unique = len({p.name for p in paths}) == len(paths)
+    key = {p: split_group(p, root, group_by, names_unique) for p in paths}
+    val = [p for p in paths if key_held_out(key[p], val_fraction)]
+    train = [p for p in paths if not key_held_out(key[p], val_fraction)]
     if val_fraction > 0 and not val and len(train) > 1:
         val, train = train[-1:], train[:-1]
     return train, val
@@ -237,7 +272,10 @@ def _train(config: TrainConfig, log, ddp: Distributed) -> dict:
     paths = find_photos(config.data_dir)
     if config.max_photos:
         paths = paths[: config.max_photos]
-    train_paths, val_paths = split_photos(paths, config.val_fraction)
+    if config.val_dir:
+        train_paths, val_paths = paths, find_photos(config.val_dir)
+    else:
+        train_paths, val_paths = split_photos(paths, config.val_fraction, Path(config.data_dir), config.group_by)
     max_side = max(4 * config.size, 512)
     train_photos, train_groups, skipped = load_photos(train_paths, max_side)
     val_photos, val_groups, skipped_val = load_photos(val_paths, max_side)
@@ -310,8 +348,25 @@ def _train(config: TrainConfig, log, ddp: Distributed) -> dict:
         "step": step, "training": {"args": _jsonable(config.to_dict()), "data": data_summary, "device": str(device),
                                    "parameters": parameter_count(model), "seconds": round(elapsed + time.time() - t0, 1),
                                    "processes": ddp.world},
-        "validation": figures, "history": history, "curve": curve,
+        "validation": figures, "validation_step": tracked["figures_step"], "history": history, "curve": curve,
     }
+    best_file = best_path(config.out)
+    tracked = {"figures_step": meta.get("validation_step") if config.resume else None,
+               "best": _best_so_far(best_file) if config.resume else None}
+
+    def validate(step: int) -> dict:
+        """Evaluate, log, extend the curve and keep ``MODEL.best.safetensors`` the best validated weights."""
+        nonlocal last_eval
+        result = evaluate(model, val, device, val_iterations)
+        last_eval = time.time()
+        tracked["figures_step"] = step
+        curve.append([step, round(elapsed + last_eval - t0, 1), round(result["mean_px"], 4), round(result["under_3px"], 4)])
+        log(f"step {step}: val mean {result['mean_px']:.2f}px, <1px {result['under_1px']:.1%}, <3px {result['under_3px']:.1%}")
+        if ddp.main and (tracked["best"] is None or result["mean_px"] < tracked["best"]):
+            tracked["best"] = result["mean_px"]
+            meta = info(step, result)
+            save_model(best_file, model, {**{k: v for k, v in meta.items() if k != "step"}, "best_step": step})
+        return result
 
     def save(step: int, figures: dict | None) -> None:
         if not ddp.main:  # rank 0 writes checkpoints
@@ -354,21 +409,18 @@ def _train(config: TrainConfig, log, ddp: Distributed) -> dict:
                 seen.update(mats.numpy().tobytes())
                 step += 1
                 loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-                progress.update(task, completed=step, loss=f"{loss_avg:.2f}px")
+                progress.update(task, completed=step, loss=f"{loss_avg:.2f}")
                 if step % config.log_every == 0:
                     history.append([step, round(loss.item(), 4)])
                 if step % 50 == 0 and not progress.console.is_terminal:
-                    log(f"step {step}/{config.steps} loss {loss_avg:.2f}px lr {learning_rate(step, config):.2e} "
+                    log(f"step {step}/{config.steps} loss {loss_avg:.2f} (corner px, gamma-weighted sum over the "
+                        f"unrolled estimates) lr {learning_rate(step, config):.2e} "
                         f"{(time.time() - t0) / max(1, step - start):.2f}s/step")
                 due = config.eval_every_seconds and time.time() - last_eval >= config.eval_every_seconds
-                if val is not None and (step % config.eval_every == 0 or step == config.steps or due):
-                    figures = evaluate(model, val, device, val_iterations)
-                    last_eval = time.time()
-                    curve.append([step, round(elapsed + last_eval - t0, 1), round(figures["mean_px"], 4),
-                                  round(figures["under_3px"], 4)])
-                    log(f"step {step}: val mean {figures['mean_px']:.2f}px, <1px {figures['under_1px']:.1%}, "
-                        f"<3px {figures['under_3px']:.1%}")
-                if step % config.checkpoint_every == 0 or step == config.steps or step == config.stop_after:
+                final = step == config.steps or step == config.stop_after
+                if val is not None and (step % config.eval_every == 0 or final or due):
+                    figures = validate(step)  # the last save's figures are always those of the weights it saves
+                if step % config.checkpoint_every == 0 or final:
                     save(step, figures)
                 if step == config.stop_after:
                     break
@@ -385,6 +437,21 @@ def _train(config: TrainConfig, log, ddp: Distributed) -> dict:
     if start >= config.steps:
         save(step, figures)
     return {**info(step, figures), "pairs_sha256": seen.hexdigest()}
+
+
+def best_path(model_path: Path | str) -> Path:
+    """Where the best validated weights of a run go: ``MODEL.best.safetensors`` beside ``MODEL.safetensors``."""
+    path = Path(model_path)
+    return path.with_name(path.name.removesuffix(".safetensors") + ".best.safetensors")
+
+
+def _best_so_far(path: Path) -> float | None:
+    from .checkpoint import CheckpointError, read_metadata
+
+    try:
+        return (read_metadata(path).get("validation") or {}).get("mean_px")
+    except CheckpointError:
+        return None
 
 
 def _main_thread() -> bool:

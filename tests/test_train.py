@@ -106,3 +106,69 @@ def test_cli_train_errors(tmp_path):
     assert result.exit_code == 1 and "missing" in result.output
     result = CliRunner().invoke(app, ["train", str(empty), "-o", str(tmp_path / "m.safetensors"), "--transform", "rigid"])
     assert result.exit_code == 1 and "affine or projective" in result.output
+
+
+# --- the ML engineer's workflow (#19): resume keeps the run's settings, best weights, group-aware split ---------
+
+
+def _cli_train(photos, out, *extra):
+    base = ["train", str(photos), "-o", str(out), "--size", "64", "--batch-size", "2", "--warmup", "1",
+            "--workers", "0", "--threads", "1"]
+    return CliRunner().invoke(app, [*base, *[str(a) for a in extra]])
+
+
+def test_resume_restores_the_runs_settings_and_keeps_the_best_weights(tmp_path):
+    from stn_align.io import write_image
+    from stn_align.train import best_path
+
+    from conftest import base_image
+
+    photos = tmp_path / "photos"
+    for i in range(6):
+        write_image(photos / f"{i}.jpg", base_image(i))
+    out = tmp_path / "m.safetensors"
+    first = _cli_train(photos, out, "--steps", "2", "--lr", "0.002", "--max-rotation", "10")
+    assert first.exit_code == 0, first.output
+    assert "validation at step 2" in first.stdout
+    best = best_path(out)
+    assert read_metadata(best)["best_step"] == 2 and "best validated weights" in first.stdout
+    resumed = _cli_train(photos, out, "--steps", "3", "--resume", out)
+    assert resumed.exit_code == 0, resumed.output
+    args = read_metadata(out)["training"]["args"]
+    assert args["lr"] == 0.002 and args["ranges"]["max_rotation"] == 10 and args["steps"] == 3  # kept; --steps given
+    assert "--steps 3 overrides the resumed run's 2" in resumed.stderr
+    assert "validation at step 3" in resumed.stdout
+
+
+def test_validation_split_keeps_a_products_views_together(tmp_path):
+    from stn_align.train import split_photos
+
+    paths = [tmp_path / f"sku{i:03d}" / f"{view}.jpg" for i in range(200) for view in ("front", "back", "side")]
+    train_paths, val_paths = split_photos(paths, 0.1, tmp_path)  # auto: names repeat, so by folder
+    val_skus = {p.parent.name for p in val_paths}
+    assert 8 <= len(val_skus) <= 35 and len(val_paths) == 3 * len(val_skus)
+    assert not val_skus & {p.parent.name for p in train_paths}
+    flat = [tmp_path / f"SKU{i:03d}_{view}.jpg" for i in range(200) for view in ("front", "back")]
+    _, val_flat = split_photos(flat, 0.1, tmp_path, group_by=r"^(SKU\d+)_")
+    groups = {p.name.split("_")[0] for p in val_flat}
+    assert groups and len(val_flat) == 2 * len(groups)
+    unique = [tmp_path / f"photo{i}.jpg" for i in range(300)]
+    from stn_align.data import is_held_out
+
+    assert split_photos(unique, 0.1, tmp_path)[1] == [p for p in unique if is_held_out(p, 0.1)]  # 0.2's split
+
+
+def test_val_dir_and_bad_group_by(tmp_path):
+    from stn_align.io import write_image
+
+    from conftest import base_image
+
+    photos, val = tmp_path / "photos", tmp_path / "val"
+    for i in range(4):
+        write_image(photos / f"{i}.jpg", base_image(i))
+    write_image(val / "v.jpg", base_image(5))
+    result = _cli_train(photos, tmp_path / "m.safetensors", "--steps", "1", "--val-dir", val)
+    assert result.exit_code == 0, result.output
+    assert "photos: 4 train, 1 held out" in result.stdout
+    bad = _cli_train(photos, tmp_path / "n.safetensors", "--steps", "1", "--group-by", "([")
+    assert bad.exit_code == 2 and "--group-by" in bad.stderr
