@@ -735,7 +735,7 @@ def train(
     val_dir: Optional[Path] = typer.Option(None, "--val-dir", help="Validation photos from this folder (every photo of DATA_DIR then trains)."),
     group_by: str = typer.Option("auto", "--group-by", help="What the validation split keeps together: name, folder (all views of one product), auto (folder when file names repeat across folders, else name) or a regex over the relative path whose first group is the key."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes (one per GPU, or CPU processes; "
-                              "the batch is split across them). Same as torchrun --nproc_per_node N -m stn_align.train."),
+                              "the batch is split across them). Same as torchrun --nproc_per_node N -m stn_align train."),
 ):
     """Train an aligner on your own photos, self-supervised by random synthetic warps.
 
@@ -956,6 +956,7 @@ def eval_command(
     iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help="Network refinement rounds (default: the model's own)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch and OpenCV (default: their own choice); timings depend on it."),
+    plots: Optional[Path] = typer.Option(None, "--plots", help="Write errors_cdf.png (every method) and score_vs_error.png (with --min-score drawn) to DIR, and print a --min-score suggestion; needs the plots extra (matplotlib)."),
 ):
     """Measure accuracy and speed on pairs with known ground truth, side by side with OpenCV baselines.
 
@@ -1047,6 +1048,24 @@ def eval_command(
             json_out.write_text(json.dumps(to_json(results, summary, extra), indent=1))
         except OSError as err:
             fail(f"{json_out}: cannot write ({err.strerror or err})")
+    if plots is not None:
+        import numpy as np
+
+        from .evaluate import suggest_threshold, write_plots
+
+        try:
+            files = write_plots(results, plots, min_score)
+        except (ImportError, OSError) as err:
+            fail(f"{plots}: {err}" if isinstance(err, OSError) else str(err))
+        diag.print(f"wrote {', '.join(escape(str(f)) for f in files)}")
+        rows = [r for r in results[primary] if r.score is not None]
+        best = suggest_threshold(np.array([r.score for r in rows]), np.array([r.error for r in rows])) if rows else None
+        if best is None:
+            console.print("threshold: no suggestion (the pairs need results both under 3 px and over 10 px)")
+        else:
+            console.print(f"suggested --min-score {best['min_score']:.2f} for {escape(primary)}: flags "
+                          f"{best['bad_flagged']:.0%} of results over 10 px and {best['good_flagged']:.0%} of those "
+                          f"under 3 px (now {min_score:g})")
     if preview is not None and preview_n > 0:
         try:
             files = write_previews(pairs, results[primary], preview, preview_n, seed, primary)

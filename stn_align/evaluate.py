@@ -447,10 +447,10 @@ def summarize(results: Sequence[PairResult]) -> dict:
 
 def safety_net_summary(results: Sequence[PairResult]) -> dict:
     """How often the safety net fired and what it cost: fractions of pairs where it ran (``fired``) and
-    where a fallback path won (``fallback_won``: the method is not ``network``/``network+ecc``), mean seconds
+    where a fallback path won (``fallback_won``: the method is not ``network``/``identity``, ``+ecc`` or not), mean seconds
     per pair with and without firing (None when there are no such pairs), and the count of each winning method."""
     fired = np.array([bool(r.fired) for r in results])
-    won = np.array([not str(r.method).startswith("network") for r in results])
+    won = np.array([not str(r.method).startswith(("network", "identity")) for r in results])  # identity: no fallback
     seconds = np.array([r.seconds for r in results])
     methods: dict[str, int] = {}
     for r in results:
@@ -488,6 +488,60 @@ def threshold_table(scores: np.ndarray, errors: np.ndarray, thresholds: Iterable
                      "good_flagged": float(flagged[pos].mean()) if pos.any() else None,
                      "flagged": float(flagged.mean())})
     return rows
+
+
+def suggest_threshold(scores: np.ndarray, errors: np.ndarray, good: float = 3.0, bad: float = 10.0) -> dict | None:
+    """The ``min_score`` (on a 0.01 grid) that best separates results over ``bad`` px from those under ``good``
+    (largest flagged-bad minus flagged-good fraction; the lower threshold on ties), with its two fractions.
+    None when either kind of result is missing."""
+    rows = threshold_table(scores, errors, np.round(np.arange(0.01, 1.0, 0.01), 2), good, bad)
+    rows = [r for r in rows if r["bad_flagged"] is not None and r["good_flagged"] is not None]
+    if not rows:
+        return None
+    return max(rows, key=lambda r: (r["bad_flagged"] - r["good_flagged"], -r["min_score"]))
+
+
+def write_plots(results: dict[str, list[PairResult]], directory: str | Path, min_score: float | None = None) -> list[Path]:
+    """``errors_cdf.png`` (fraction of pairs under each error, every method) and ``score_vs_error.png`` (each
+    scored method's score against its error, ``min_score`` drawn) in ``directory``; needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError('eval --plots needs matplotlib: pip install "stn-align[plots]"') from None
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rows in results.items():
+        errors = np.sort([r.error for r in rows])
+        ax.step(np.maximum(errors, 0.01), np.arange(1, len(errors) + 1) / len(errors), where="post", label=name)
+    ax.set(xscale="log", xlabel="corner error (px)", ylabel="fraction of pairs under it", ylim=(0, 1.01),
+           title="Error CDF")
+    for x in (1, 3, 10):
+        ax.axvline(x, color="0.85", lw=0.8, zorder=0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(directory / "errors_cdf.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    scored = {name: rows for name, rows in results.items() if any(r.score is not None for r in rows)}
+    if scored:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, rows in scored.items():
+            pts = [(max(r.error, 0.01), r.score) for r in rows if r.score is not None]
+            ax.scatter(*zip(*pts), s=10, alpha=0.6, label=name)
+        if min_score is not None:
+            ax.axhline(min_score, color="red", lw=1, label=f"--min-score {min_score:g}")
+        ax.set(xscale="log", xlabel="corner error (px)", ylabel="score", ylim=(-0.02, 1.02), title="Score against error")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(directory / "score_vs_error.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
 
 
 def summarize_all(results: dict[str, list[PairResult]], by_group: bool = False) -> dict:

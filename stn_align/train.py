@@ -607,19 +607,3 @@ def _last_line(message) -> str:
         message = message.get("message", message)
     lines = [line for line in str(message).strip().splitlines() if line.strip()]
     return lines[-1] if lines else "unknown error"
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m stn_align.train`` (e.g. under ``torchrun``): the options of ``stn-align train``."""
-    import sys
-
-    import typer
-
-    from .cli import app
-
-    command = typer.main.get_command(app).commands["train"]
-    command.main(args=sys.argv[1:] if argv is None else argv, prog_name="python -m stn_align.train")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 """Data-parallel training: 2 CPU processes (gloo) learn, write a loadable checkpoint, see different pairs, resume exactly.
 
 One straight 2-process run is shared by the tests; the resume test redoes it in two halves, the first through
-``torchrun -m stn_align.train`` and the second through ``stn-align train --nproc 2``.
+``torchrun -m stn_align train`` and the second through ``stn-align train --nproc 2``.
 """
 
 import os
@@ -81,7 +81,7 @@ def test_resume_under_torchrun_is_exact(straight, photos):
     common = [str(photos), "-o", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            "-m", "stn_align.train", *common, *cli_options(), "--stop-after", str(STEPS // 2)],
+                            "-m", "stn_align", "train", *common, *cli_options(), "--stop-after", str(STEPS // 2)],
                            capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     assert read_metadata(state_path(out))["step"] == STEPS // 2

@@ -279,3 +279,27 @@ def test_benchmark_setting_r_loads_the_real_pairs(model_file, tmp_path, capsys):
     assert raw["safety_net"]["tiny"]["r"]["pairs"] == len(expected)
     report = out.read_text()
     assert "| method | (r) |" in report and "| (r) |" in report and f"## (r) real pairs: all {len(expected)} of hpatches6" in report
+
+
+def test_eval_plots_and_threshold_suggestion(tmp_path, model_file):
+    """--plots writes the error CDF and score-against-error figures and suggests a --min-score."""
+    pytest.importorskip("matplotlib")
+    from typer.testing import CliRunner
+
+    from stn_align.cli import app
+    from stn_align.evaluate import suggest_threshold
+
+    from conftest import base_image
+
+    photos = tmp_path / "photos"
+    for i in range(3):
+        write_image(photos / f"p{i}.jpg", base_image(i, (320, 240)))
+    result = CliRunner().invoke(app, ["eval", str(photos), "--synthetic", "--n", "6", "--model", str(model_file),
+                                      "--device", "cpu", "--baselines", "identity", "--size", "64",
+                                      "--plots", str(tmp_path / "plots")])
+    assert result.exit_code == 0, result.output
+    for name in ("errors_cdf.png", "score_vs_error.png"):
+        assert (tmp_path / "plots" / name).stat().st_size > 1000
+    assert "suggested --min-score" in result.stdout or "threshold: no suggestion" in result.stdout
+    best = suggest_threshold(np.array([0.9, 0.8, 0.3, 0.2]), np.array([0.5, 1.0, 20.0, 30.0]))
+    assert best["bad_flagged"] == 1.0 and best["good_flagged"] == 0.0 and 0.3 < best["min_score"] <= 0.8
