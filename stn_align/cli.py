@@ -1137,7 +1137,7 @@ def reproduce_command(
     resume: bool = typer.Option(True, "--resume/--restart", help="Continue from OUT/checkpoints (default) or start over."),
 ):
     """Reproduce Finnveden et al. (ICPR 2020): CNN vs STN-C0 / STN-CX / STN-SLX (SVHN must be supplied by you)."""
-    from .reproduce import run_reproduce
+    from .icpr2020 import run_reproduce
 
     try:
         drops = None if lr_drops is None else tuple(float(f) for f in lr_drops.split(",") if f.strip())

@@ -10,7 +10,7 @@ import torch
 
 from rich.console import Console
 
-from stn_align.reproduce import (
+from stn_align.icpr2020 import (
     MNIST_NORM,
     PROTOCOLS,
     Dataset,
@@ -29,7 +29,7 @@ from stn_align.reproduce import (
     translate_with_clutter,
     augment_batch,
 )
-from stn_align.stn import ConvBlockSpec, build_stn_c0
+from stn_align.icpr2020 import ConvBlockSpec, build_stn_c0
 
 torch.set_num_threads(1)
 

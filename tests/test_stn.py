@@ -5,14 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from stn_align.icpr2020 import MNIST_BLOCKS, SVHN_BLOCKS, build_cnn, build_stn_c0, build_stn_cx, build_stn_slx
 from stn_align.stn import (
-    MNIST_BLOCKS,
-    SVHN_BLOCKS,
     SpatialTransformer,
-    build_cnn,
-    build_stn_c0,
-    build_stn_cx,
-    build_stn_slx,
     localisation_features,
     rotation_angle_deg,
     rotation_theta,

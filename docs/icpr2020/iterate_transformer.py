@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stn_align.reproduce import (
+from stn_align.icpr2020 import (
     MNIST_NORM,
     ReproduceConfig,
     build_network,

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stn_align.reproduce import (
+from stn_align.icpr2020 import (
     MNIST_NORM,
     ROT_MAX_DEG,
     build_network,
@@ -31,7 +31,7 @@ from stn_align.reproduce import (
     rotate_images,
     rotation_tracking_r,
 )
-from stn_align.stn import ConvBlockSpec, build_stn_cx, build_stn_slx
+from stn_align.icpr2020 import ConvBlockSpec, build_stn_cx, build_stn_slx
 
 
 def dead_fraction(model, x: torch.Tensor) -> float:

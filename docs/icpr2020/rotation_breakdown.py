@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stn_align.reproduce import (
+from stn_align.icpr2020 import (
     ReproduceConfig,
     build_network,
     load_mnist,

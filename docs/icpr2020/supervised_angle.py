@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stn_align.reproduce import (
+from stn_align.icpr2020 import (
     MNIST_NORM,
     ROT_MAX_DEG,
     ReproduceConfig,

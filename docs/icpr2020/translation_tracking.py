@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stn_align.reproduce import CANVAS, MAX_SHIFT, MNIST_NORM, build_network, load_mnist
+from stn_align.icpr2020 import CANVAS, MAX_SHIFT, MNIST_NORM, build_network, load_mnist
 
 
 def main() -> None:
