@@ -5,7 +5,7 @@ coordinates to reference pixel coordinates** (x right, y down, pixel centres at 
 as in OpenCV), so ``cv2.warpPerspective(input, M, (ref_w, ref_h))`` reproduces the output.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = ["Aligner", "AlignResult", "__version__"]
 
