@@ -149,7 +149,14 @@ def as_array(image: ImageLike) -> np.ndarray:
 def network_view(image: np.ndarray, size: int) -> np.ndarray:
     """``(H, W, C)`` any dtype -> ``(size, size, 3)`` float32 in ``[0, 1]`` RGB, alpha on white, anti-aliased."""
     from .io import to_float_rgb
+    from .refine import LARGE_PIXELS
 
+    if image.shape[0] * image.shape[1] > LARGE_PIXELS and image.dtype in (np.uint8, np.uint16):
+        # shrink in the image's own dtype first (to 4x the working size): no full-size float copy
+        h, w = image.shape[:2]
+        k = 4 * size / max(h, w)
+        image = cv2.resize(image, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA)
+        image = image.reshape(image.shape[0], image.shape[1], -1)
     x = to_float_rgb(image)
     interp = cv2.INTER_AREA if max(x.shape[:2]) > size else cv2.INTER_LINEAR
     return cv2.resize(np.ascontiguousarray(x), (size, size), interpolation=interp)

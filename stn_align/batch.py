@@ -62,6 +62,13 @@ from .io import DEFAULT_MAX_PIXELS, ImageError, list_images, read_image, read_in
 from .manifest import (MANIFEST_NAME, ManifestError, ManifestWriter, fingerprint, output_options, owns_output,
                        read_manifest, resume_decision, write_manifest)
 
+#: Default memory budget of a local batch's images in flight, bytes (``--max-memory``, in MB on the CLI).
+DEFAULT_MEMORY_BUDGET = 1024 * 2**20
+#: Estimated bytes a pair holds while in flight, per input pixel: the decoded image, its gray copy, the
+#: full-resolution output and OpenCV's temporaries (60-MP pairs measured about 12 B per pixel).
+BYTES_PER_PIXEL = 12
+
+
 #: ``--format``: the suffix each output gets (``keep``: its input's).
 OUTPUT_FORMATS = {"jpg": ".jpg", "png": ".png", "tiff": ".tif", "webp": ".webp"}
 
@@ -823,6 +830,7 @@ def align_directory(
     ref_in_folder: Optional[str] = None,
     pairs_csv: Path | str | None = None,
     ignore_case: bool = False,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> BatchSummary:
     """Align every image under ``input_dir`` into ``out_dir`` on this machine; see the module docstring.
 
@@ -845,6 +853,7 @@ def align_directory(
             are recorded, and the summary says ``interrupted``.
         output_format: ``keep`` (each output in its input's format) or one of :data:`OUTPUT_FORMATS`.
         quality: JPEG and WebP quality, 1-100 (WebP 100: lossless).
+        memory_budget: about how many bytes the images in flight may hold (see :func:`_pipeline`).
 
     Raises :class:`BatchError` or :class:`ImageError` before any work for a bad setup
     (missing/unreadable ``ref``, ``input_dir``, ``ref_dir``; ``out_dir`` equal to ``input_dir``), and
@@ -861,7 +870,7 @@ def align_directory(
     write = {"format": output_format, "quality": quality}
     with open_run(aligner, pairs, out_dir, summary, force, on_progress, on_start, overwrite, write) as run, \
             _network_threads(aligner, workers):
-        _pipeline(aligner, run, batch_size, workers, max_pixels, shared_ref, stop)
+        _pipeline(aligner, run, batch_size, workers, max_pixels, shared_ref, stop, memory_budget)
         summary.interrupted = summary.interrupted or bool(stop is not None and stop.is_set())
     return summary
 
@@ -892,42 +901,92 @@ def _network_threads(aligner, workers: int) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
+def _image_pixels(path: Optional[Path]) -> int:
+    """Width x height from the file's header (no decode); 0 when it cannot be read (the decode will say why)."""
+    if path is None:
+        return 0
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.size[0] * im.size[1]
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def pair_bytes(pair: Pair, shared_reference: bool) -> int:
+    """Estimated memory of a pair in flight (:data:`BYTES_PER_PIXEL`); a shared reference counts once, elsewhere."""
+    pixels = _image_pixels(pair.input) + (0 if shared_reference else _image_pixels(pair.reference))
+    return BYTES_PER_PIXEL * pixels
+
+
 def _pipeline(aligner, run: BatchRun, batch_size: int, workers: int, max_pixels, shared_ref,
-              stop: Optional[threading.Event] = None) -> None:
+              stop: Optional[threading.Event] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> None:
     """The local engine: decode one chunk ahead on the pool, the network on this thread, finish on the pool.
-    When ``stop`` is set, no new chunk is started; the pairs already handed to the pool finish and are recorded."""
+
+    Memory is bounded by pixels, not by counts: pairs in flight (decoding, waiting for the network, being
+    finished) may hold about ``memory_budget`` bytes (:func:`pair_bytes`, from the files' headers); a chunk
+    is cut short, and no chunk is prefetched, where the next pair would pass it. One pair always runs, however
+    large. When ``stop`` is set, no new chunk is started; the pairs already handed to the pool finish and are
+    recorded."""
     shared = shared_reference(aligner, shared_ref)
-    todo = run.todo
-    chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    todo = deque(run.todo)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stn-batch")
     stopping = (lambda: stop.is_set()) if stop is not None else (lambda: False)
-    try:
-        decoding: deque[list[Future]] = deque()
-        finishing: deque[tuple[Pair, Future]] = deque()
-        next_chunk = 0
+    cost: dict[int, int] = {}  # id(pair) -> estimated bytes while in flight
+    inflight = 0
 
-        def prefetch():
-            nonlocal next_chunk
-            while next_chunk < len(chunks) and len(decoding) < 2 and not stopping():  # the current chunk and one ahead
-                decoding.append([pool.submit(decode_pair, p, max_pixels, shared_ref) for p in chunks[next_chunk]])
-                next_chunk += 1
+    def release(pair: Pair) -> None:
+        nonlocal inflight
+        inflight -= cost.pop(id(pair), 0)
 
-        def collect(block_until: int) -> None:
-            """Report finished pairs in order; wait while more than ``block_until`` are pending."""
-            while finishing and (finishing[0][1].done() or len(finishing) > block_until):
-                pair, fut = finishing.popleft()
-                run.done(pair, fut.result())
-
-        prefetch()
-        for chunk in chunks:
-            if stopping() or not decoding:
+    def take_chunk() -> list[Pair]:
+        """Up to ``batch_size`` pairs that fit in the budget beside what is in flight (one when nothing is)."""
+        nonlocal inflight
+        chunk: list[Pair] = []
+        while todo and len(chunk) < batch_size:
+            pair = todo[0]
+            if id(pair) not in cost:
+                cost[id(pair)] = pair_bytes(pair, shared_ref is not None)
+            if inflight and inflight + cost[id(pair)] > memory_budget:
                 break
-            decoded = [f.result() for f in decoding.popleft()]
+            chunk.append(todo.popleft())
+            inflight += cost[id(pair)]
+        return chunk
+
+    try:
+        decoding: deque[tuple[list[Pair], list[Future]]] = deque()
+        finishing: deque[tuple[Pair, Future]] = deque()
+
+        def prefetch() -> None:
+            while todo and len(decoding) < 2 and not stopping():  # the current chunk and one ahead
+                chunk = take_chunk()
+                if not chunk:
+                    return
+                decoding.append((chunk, [pool.submit(decode_pair, p, max_pixels, shared_ref) for p in chunk]))
+
+        def record_oldest() -> None:
+            pair, fut = finishing.popleft()
+            run.done(pair, fut.result())
+            release(pair)
+
+        while True:
             prefetch()
+            if stopping():
+                break
+            if not decoding:
+                if not todo:
+                    break
+                record_oldest()  # nothing fits beside the pairs being finished: wait for the oldest
+                continue
+            chunk, futures = decoding.popleft()
+            prefetch()  # two chunks decode while this one waits for its decode and then the network
+            decoded = [f.result() for f in futures]
             ready = []
             for pair, (image, reference, err) in zip(chunk, decoded):
                 if err is not None:
                     run.done(pair, run.failed(pair, err))
+                    release(pair)
                 else:
                     ready.append((pair, image, reference))
             if ready:
@@ -936,13 +995,16 @@ def _pipeline(aligner, run: BatchRun, batch_size: int, workers: int, max_pixels,
                 except Exception as err:  # noqa: BLE001 - e.g. out of memory: fail this chunk, go on
                     for pair, _, _ in ready:
                         run.done(pair, run.failed(pair, _one_line(err, pair.input)))
+                        release(pair)
                 else:
                     run.begin([pair for pair, _, _ in ready])
                     for (pair, image, reference), matrix in zip(ready, matrices):
                         finishing.append((pair, pool.submit(finish_pair, aligner, pair, image, reference, matrix,
                                                             shared, run.out_dir, run.options)))
-            del decoded, ready
-            collect(block_until=2 * batch_size)
-        collect(block_until=0)
+            del decoded, ready, futures
+            while finishing and (finishing[0][1].done() or len(finishing) > 2 * batch_size):
+                record_oldest()  # in order; never more than two chunks' worth waiting
+        while finishing:
+            record_oldest()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C: drop queued work, let running pairs end

@@ -484,6 +484,7 @@ def batch_command(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Threads decoding, refining and encoding images. Default: min(4, CPUs)."),
     fail_on_suspect: bool = typer.Option(False, "--fail-on-suspect", help="Exit 1 when any alignment of the job is suspect (score below --min-score), skipped ones included."),
     max_pixels: int = typer.Option(178_956_970, "--max-pixels", min=1, help="Refuse images larger than this many pixels (decompression-bomb guard)."),
+    max_memory: int = typer.Option(1024, "--max-memory", min=64, metavar="MB", help="About how much memory the images in flight may take (local engine); fewer pairs run at once when they are large. One pair always runs."),
     output_format: str = typer.Option("keep", "--format", help=_FORMAT_HELP),
     quality: int = typer.Option(95, "--quality", min=1, max=100, help=_QUALITY_HELP),
     interpolation: str = typer.Option("linear", "--interpolation", help=_INTERPOLATION_HELP),
@@ -613,7 +614,8 @@ def batch_command(
                 summary = align_directory_ray(aligner, input_dir, out, address=ray_address, device=device,
                                               on_info=lambda text: diag.print(escape(text)), **common)
             else:
-                summary = align_directory(aligner, input_dir, out, stop=stopper.event, **common)
+                summary = align_directory(aligner, input_dir, out, stop=stopper.event, memory_budget=max_memory * 2**20,
+                                          **common)
     except KeyboardInterrupt:
         diag.print(f"interrupted; finished pairs are recorded in {escape(str(Path(out) / 'alignments.jsonl'))}: "
                    "re-run the same command to resume")

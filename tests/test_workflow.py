@@ -80,3 +80,28 @@ def test_short_repr_and_typed_package(model_file):
     text = repr(Aligner.load(model_file, "cpu"))
     assert text.startswith("Aligner(name='tiny'") and len(text) < 300
     assert (Path(stn_align.__file__).parent / "py.typed").is_file()
+
+
+def test_memory_budget_bounds_the_pairs_in_flight(tmp_path, model_file):
+    """Chunks are cut by estimated bytes (from the headers), not only by count; one pair always runs."""
+    from stn_align.batch import BYTES_PER_PIXEL, align_directory, pair_bytes, plan_pairs
+
+    src = tmp_path / "in"
+    ref_image = base_image(0)
+    for i in range(5):
+        write_image(src / f"{i}.png", shifted(ref_image))
+    ref = tmp_path / "ref.png"
+    write_image(ref, ref_image)
+    pairs, _ = plan_pairs(src, tmp_path / "x", ref=ref)
+    assert pair_bytes(pairs[0], shared_reference=True) == BYTES_PER_PIXEL * 160 * 120
+    assert pair_bytes(pairs[0], shared_reference=False) == 2 * BYTES_PER_PIXEL * 160 * 120
+    results = {}
+    for budget in (10**9, 1, 3 * BYTES_PER_PIXEL * 160 * 120):
+        aligner = Aligner.load(model_file, "cpu")
+        sizes, estimate = [], aligner.estimate
+        aligner.estimate = lambda a, b, _e=estimate, _s=sizes: (_s.append(len(a)), _e(a, b))[1]
+        out = tmp_path / f"out{budget}"
+        summary = align_directory(aligner, src, out, ref=ref, batch_size=4, workers=1, memory_budget=budget)
+        assert summary.aligned == 5
+        results[budget] = sizes
+    assert results[10**9] == [4, 1] and results[1] == [1, 1, 1, 1, 1] and max(results[3 * BYTES_PER_PIXEL * 160 * 120]) <= 3
