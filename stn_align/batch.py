@@ -43,7 +43,6 @@ job on a Ray cluster.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import socket

@@ -322,7 +322,7 @@ def _train(config: TrainConfig, log, ddp: Distributed) -> dict:
                 groups.append({"params": params, "weight_decay": config.weight_decay if decays else 0.0,
                                "lr_scale": config.init_lr_scale if pretrained else 1.0})
     optimizer = torch.optim.AdamW(groups, lr=config.lr)
-    start, history, curve, best = 0, [], [], None  # curve: [step, seconds, val mean px, val under 3 px]
+    start, history, curve = 0, [], []  # curve: [step, seconds, val mean px, val under 3 px]
     if config.resume:
         resume = Path(config.resume)
         resume = resume if resume.name.endswith(".state.safetensors") else state_path(resume)

@@ -4,11 +4,9 @@ the canvas chosen. Real files; the CLI in process."""
 from __future__ import annotations
 
 import io
-import json
 
 import cv2
 import numpy as np
-import pytest
 from PIL import Image, ImageCms
 from typer.testing import CliRunner
 
@@ -18,7 +16,7 @@ from stn_align.cli import app
 from stn_align.io import read_image, read_info, write_image
 from stn_align.manifest import MANIFEST_NAME
 
-from conftest import SHIFT, base_image, jsonl, shifted
+from conftest import base_image, jsonl, shifted
 
 
 def invoke(*args):

@@ -46,3 +46,10 @@ from .networks import (MNIST_BLOCKS, SVHN_BLOCKS, ConvBlockSpec, STNClassifier, 
 from .report import run_reproduce
 from .train import (PROTOCOLS, ReproduceConfig, RunResult, TrainingProtocol, lr_factor, predicted_rotation_angles,
                     rotation_r_per_class, rotation_slope, rotation_tracking_r, test_error_pct, train_network)
+
+__all__ = ["CANVAS", "EXPERIMENTS", "MAX_SHIFT", "MNIST_BLOCKS", "MNIST_NORM", "PROTOCOLS", "ROT_MAX_DEG", "SVHN_BLOCKS",
+           "ConvBlockSpec", "Dataset", "ReproduceConfig", "RunResult", "STNClassifier", "TrainingProtocol", "augment_batch",
+           "build_cnn", "build_network", "build_stn_c0", "build_stn_cx", "build_stn_slx", "draw_figure2", "draw_figure3",
+           "draw_training_curves", "load_mnist", "load_svhn", "lr_factor", "network_names", "predicted_rotation_angles",
+           "prepare_mnist_root", "rotate_images", "rotation_r_per_class", "rotation_slope", "rotation_tracking_r",
+           "run_reproduce", "test_error_pct", "train_network", "translate_with_clutter"]

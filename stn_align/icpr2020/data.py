@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..stn import rotation_angle_deg, rotation_theta, warp_with_theta
+from ..stn import rotation_theta, warp_with_theta
 
 
 EXPERIMENTS = ("mnist-rot", "mnist-trans", "svhn")

@@ -10,7 +10,7 @@ import torch
 from ..stn import warp_with_theta
 from .data import MNIST_NORM, rotate_images
 from .networks import STNClassifier
-from .train import RunResult, _to_input, predicted_rotation_angles, rotation_tracking_r, test_error_pct
+from .train import RunResult, _to_input, rotation_tracking_r
 
 
 FIGURE2_DIGIT = 0  # test image shown in Figure 2 (a 7)

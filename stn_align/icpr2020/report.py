@@ -17,7 +17,7 @@ from rich.console import Console
 
 from .data import Dataset, EXPERIMENTS, SUBSET_SEED, TEST_SEED, _prepare_test_inputs, default_data_dir, load_mnist, load_svhn
 from .networks import STNClassifier, network_names
-from .train import DEFAULT_OPTIMISER, PROTOCOLS, ReproduceConfig, RunResult, predicted_rotation_angles, resolve_device, rotation_r_per_class, rotation_slope, rotation_tracking_r, test_error_pct, train_network
+from .train import DEFAULT_OPTIMISER, PROTOCOLS, ReproduceConfig, RunResult, predicted_rotation_angles, resolve_device, rotation_r_per_class, rotation_slope, rotation_tracking_r, train_network
 from .figures import FIGURE2_ANGLES, FIGURE2_DIGIT, draw_figure2, draw_figure3, draw_training_curves, require_matplotlib
 
 
