@@ -49,6 +49,23 @@ class DefaultCommandGroup(typer.core.TyperGroup):
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)
 
+    _METAVARS = {"<str>": "TEXT", "<path>": "PATH", "<file>": "FILE", "<directory>": "DIR", "<int>": "INTEGER",
+                 "<int range>": "INTEGER", "<float>": "NUMBER", "<float range>": "NUMBER"}
+
+    def get_command(self, ctx, name):
+        """The command, its options' value names readable in --help (PATH, TEXT, INTEGER, NUMBER, not <str>)."""
+        command = super().get_command(ctx, name)
+        for param in getattr(command, "params", ()):
+            if (getattr(param, "param_type_name", "") == "option" and getattr(param, "metavar", None) is None
+                    and not getattr(param, "is_flag", False)):
+                try:
+                    label = param.display_type(ctx)
+                except Exception:  # noqa: BLE001 - help formatting only
+                    continue
+                if label in self._METAVARS:
+                    param.metavar = self._METAVARS[label]
+        return command
+
     def parse_args(self, ctx, args):
         if args and self.default_command in self.commands and self._use_default(ctx, args[0]):
             args = [self.default_command, *args]
@@ -704,7 +721,7 @@ def _train_restore_settings(ctx, resume: Path, values: dict, range_values: dict)
 @app.command()
 def train(
     ctx: typer.Context,
-    data_dir: Path = typer.Argument(..., help="Folder of photos (searched recursively, any common image format)."),
+    data_dir: Path = typer.Argument(..., metavar="PHOTOS_DIR", help="Folder of photos (searched recursively, any common image format)."),
     out: Path = typer.Option(..., "-o", "--out", help="Model file to write (MODEL.safetensors; training state goes beside it)."),
     transform: str = typer.Option("projective", help="affine (6 parameters) or projective (8)."),
     size: int = typer.Option(128, min=64, help="Working resolution in pixels (multiple of 32)."),

@@ -54,3 +54,18 @@ def test_quiet_and_plain_progress(tmp_path, model_file):
     assert "progress: 1/4" in logged.stderr and "progress: 4/4" in logged.stderr  # piped: plain lines, no bar
     quiet = run_cli("batch", src, "-o", tmp_path / "b", *common, "-q", env=env)
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+
+
+def test_help_names_value_types_readably():
+    from typer.testing import CliRunner
+
+    from stn_align.cli import app
+
+    for command in ("align", "batch", "train", "eval", "apply"):
+        result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0
+        options = result.stdout.split("Options:", 1)[1]
+        assert "<str>" not in options and "<int" not in options and "<float" not in options, command
+    batch = CliRunner().invoke(app, ["batch", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "--batch-size INTEGER" in batch and "--min-score NUMBER" in batch and "-o, --out PATH" in batch
+    assert "Examples:" in batch
