@@ -718,33 +718,38 @@ def suspect_outputs(records: dict[str, dict]) -> list[str]:
     return sorted(r["output"] for r in records.values() if r.get("status") == "ok" and r.get("suspect"))
 
 
-def write_suspects(out_dir: Path, records: dict[str, dict], suspect_dir: Optional[Path] = None) -> list[str]:
+def write_suspects(out_dir: Path, records: dict[str, dict]) -> list[str]:
     """``OUT_DIR/suspects.txt``: one output path (relative to OUT_DIR) per suspect alignment of the whole job
-    (not written while there has never been one).
-
-    With ``suspect_dir``, a copy of each suspect output goes there (same relative path) for review, and the
-    copies this function made before whose pairs are no longer suspect are removed (it lists what it placed in
-    ``suspect_dir/suspects.txt``; nothing else there is touched). Returns the suspect outputs."""
+    (not written while there has never been one). Returns the suspect outputs."""
     from .io import write_text_atomic
 
     suspects = suspect_outputs(records)
     if suspects or (out_dir / SUSPECTS_NAME).exists():  # written when there is something to say (or to take back)
         write_text_atomic(out_dir / SUSPECTS_NAME, "".join(f"{name}\n" for name in suspects))
-    if suspect_dir is not None:
-        import shutil
+    return suspects
 
-        listing = suspect_dir / SUSPECTS_NAME
-        before = set(listing.read_text(encoding="utf-8").splitlines()) if listing.is_file() else set()
-        for name in sorted(before - set(suspects)):
-            with contextlib.suppress(OSError):
-                (suspect_dir / name).unlink()
-        for name in suspects:
-            target = suspect_dir / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            shutil.copyfile(out_dir / name, tmp)
-            os.replace(tmp, target)
-        write_text_atomic(listing, "".join(f"{name}\n" for name in suspects))
+
+def gather_suspects(out_dir: Path, records: dict[str, dict], suspect_dir: Path) -> list[str]:
+    """A copy of each suspect output in ``suspect_dir`` (same relative path), for review. The copies this
+    function made before whose pairs are no longer suspect are removed (it lists what it placed in
+    ``suspect_dir/suspects.txt``; nothing else there is touched). Returns the suspect outputs."""
+    import shutil
+
+    from .io import write_text_atomic
+
+    suspects = suspect_outputs(records)
+    listing = suspect_dir / SUSPECTS_NAME
+    before = set(listing.read_text(encoding="utf-8").splitlines()) if listing.is_file() else set()
+    for name in sorted(before - set(suspects)):
+        with contextlib.suppress(OSError):
+            (suspect_dir / name).unlink()
+    for name in suspects:
+        target = suspect_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.copyfile(out_dir / name, tmp)
+        os.replace(tmp, target)
+    write_text_atomic(listing, "".join(f"{name}\n" for name in suspects))
     return suspects
 
 

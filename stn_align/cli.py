@@ -662,11 +662,11 @@ def batch_command(
         diag.print(f"[yellow]gone:[/yellow] {len(summary.gone)} input(s) recorded in the manifest no longer exist "
                    f"(their outputs are kept): {escape(shown)}")
     if suspect_dir is not None:
-        from .batch import write_suspects
+        from .batch import gather_suspects
         from .manifest import read_manifest
 
         try:
-            copied = write_suspects(Path(out), read_manifest(summary.manifest), suspect_dir)
+            copied = gather_suspects(Path(out), read_manifest(summary.manifest), suspect_dir)
         except OSError as err:
             fail(f"{suspect_dir}: cannot write ({err.strerror or err})")
         diag.print(f"{len(copied)} suspect output(s) in {escape(str(suspect_dir))}")
@@ -1000,14 +1000,10 @@ def eval_command(
         fail(f"--transform must be affine or projective, not {transform!r}", 2)
     if fallback not in _FALLBACKS:
         fail(f"--fallback must be features, rotations or none, not {fallback!r}", 2)
-    if not 0.0 <= min_score <= 1.0:
-        fail(f"--min-score must be between 0 and 1, not {min_score}", 2)
     if mask not in ("none", "auto") and not Path(mask).is_file():
         fail(f"--mask must be none, auto or a mask image file, not {mask!r}", 2)
     if mode not in ("auto", "crop", "whole"):
         fail(f"--mode must be auto, crop or whole, not {mode!r}", 2)
-    if n < 1 or preview_n < 0 or (iterations is not None and iterations < 1):
-        fail("--n and --iterations must be at least 1, --preview-n at least 0", 2)
 
     import json
 
@@ -1025,9 +1021,7 @@ def eval_command(
     if unknown:
         fail(f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}", 2)
     console, diag = Console(soft_wrap=True, highlight=False), Console(stderr=True, soft_wrap=True, highlight=False)
-    if threads is not None:
-        if threads < 1:
-            fail("--threads must be at least 1", 2)
+    if threads is not None:  # at least 1 (Typer checks)
         torch.set_num_threads(threads)
         cv2.setNumThreads(threads)
     try:
