@@ -302,7 +302,7 @@ def align_command(
     from rich.markup import escape
 
     from .batch import OUTPUT_FORMATS, writable
-    from .io import ImageError, read_image, read_info, write_image
+    from .io import _WRITE_FORMATS, ImageError, read_image, read_info, write_image
 
     _infer_check_options(transform, refine, fill, iterations, min_score, fallback)
     _infer_check_output(output_format, interpolation, canvas, crop)
@@ -327,8 +327,7 @@ def align_command(
         if output_format != "keep":
             if out is None or folder is not None:
                 output = output.with_suffix(OUTPUT_FORMATS[output_format])
-            elif output.suffix.lower() not in ((".jpg", ".jpeg") if output_format == "jpg" else
-                                               (".tif", ".tiff") if output_format == "tiff" else (f".{output_format}",)):
+            elif _WRITE_FORMATS.get(output.suffix.lower()) != _WRITE_FORMATS[OUTPUT_FORMATS[output_format]]:
                 fail(f"{output}: its suffix is not --format {output_format} (drop one of the two)", 2)
         for other, what in [(p, "input") for p in inputs] + [(ref, "reference")]:  # never over an input
             if _infer_same(output, other):
@@ -354,7 +353,10 @@ def align_command(
         fail(str(err))
     if several and out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    aligner = _infer_load(model, transform, device, diag, iterations=iterations, working_size=working_size, refine=refine, fill=fill,
+    from rich.console import Console
+
+    info = Console(stderr=True, soft_wrap=True, highlight=False, quiet=quiet)  # 'using cpu': not with -q
+    aligner = _infer_load(model, transform, device, info, iterations=iterations, working_size=working_size, refine=refine, fill=fill,
                           min_score=min_score, mask=mask_option, fallback=fallback, interpolation=interpolation,
                           canvas=canvas, crop=crop)
     records, failures, suspects = [], [], 0

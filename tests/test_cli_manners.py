@@ -54,6 +54,9 @@ def test_quiet_and_plain_progress(tmp_path, model_file):
     assert "progress: 1/4" in logged.stderr and "progress: 4/4" in logged.stderr  # piped: plain lines, no bar
     quiet = run_cli("batch", src, "-o", tmp_path / "b", *common, "-q", env=env)
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+    single = run_cli(src / "0.png", "--ref", ref, "-o", tmp_path / "one.png", "--model", common[3], "--device", "cpu",
+                     "-q", env=env)
+    assert single.returncode == 0 and single.stdout == "" and single.stderr == ""
 
 
 def test_help_names_value_types_readably():
