@@ -254,7 +254,8 @@ def train(config: TrainConfig, log=print) -> dict:
     Under torchrun (``WORLD_SIZE`` > 1) every process trains its share of each batch; see :class:`Distributed`.
     """
     config.check()
-    check_destination(config)
+    if os.environ.get("RANK", "0") == "0":  # the writer checks; another rank, started late, would see its checkpoint
+        check_destination(config)
     ddp = setup_distributed(config.device)
     try:
         return _train(config, log if ddp.main else (lambda *_: None), ddp)
